@@ -36,9 +36,7 @@ class CycleError(OntologyValidationError):
     def __init__(self, cycle: list[str], relation: str = "is_a"):
         self.cycle = cycle
         shown = " -> ".join([*cycle, cycle[0]]) if cycle else "?"
-        super().__init__(
-            f"{relation} cycle: {shown} (pass --allow-cycles to load anyway)"
-        )
+        super().__init__(f"{relation} cycle: {shown} (pass --allow-cycles to load anyway)")
 
 
 class DanglingReferenceError(OntologyValidationError):

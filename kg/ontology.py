@@ -114,8 +114,15 @@ class Ontology:
             c = self.concepts[cid]
             h.update(
                 json.dumps(
-                    [c.id, c.label, sorted(c.synonyms), c.definition, sorted(c.xrefs),
-                     c.obsolete, sorted(c.replaced_by)],
+                    [
+                        c.id,
+                        c.label,
+                        sorted(c.synonyms),
+                        c.definition,
+                        sorted(c.xrefs),
+                        c.obsolete,
+                        sorted(c.replaced_by),
+                    ],
                     ensure_ascii=False,
                 ).encode()
             )

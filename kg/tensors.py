@@ -52,9 +52,7 @@ def to_arrays(ontology: Ontology, *, include_obsolete: bool = False) -> GraphArr
         ontology: the ontology to export.
         include_obsolete: keep obsolete concepts as nodes (default ``False``).
     """
-    ids = sorted(
-        cid for cid, c in ontology.concepts.items() if include_obsolete or not c.obsolete
-    )
+    ids = sorted(cid for cid, c in ontology.concepts.items() if include_obsolete or not c.obsolete)
     index = {cid: i for i, cid in enumerate(ids)}
     relations = ontology.relation_types()
     rel_index = {r: i for i, r in enumerate(relations)}
