@@ -1,0 +1,126 @@
+"""Checked, streaming access to an ontology file: exists, not empty, not binary, UTF-8.
+
+Every loader goes through here so that every format reports a missing file, an empty file,
+binary data and bad UTF-8 the same way, with the byte offset and line where it happened.
+Text is decoded in blocks of whole lines, so memory stays bounded by the block size.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from kg.errors import OntologyFormatError
+
+#: ``progress(done_bytes, total_bytes)``, called now and then while a file is read.
+Progress = Callable[[int, int], None]
+
+BLOCK_SIZE = 1 << 20
+
+
+def check_file(path: Path) -> int:
+    """Return the size of ``path`` after checking it is a non-empty regular file."""
+    if not path.exists():
+        raise OntologyFormatError("no such file", path=str(path))
+    if not path.is_file():
+        raise OntologyFormatError("not a regular file", path=str(path))
+    size = path.stat().st_size
+    if size == 0:
+        raise OntologyFormatError("empty file", path=str(path))
+    return size
+
+
+def check_bytes(data: bytes, path: Path, *, offset: int = 0, first_line: int = 1) -> str:
+    """Decode a block of UTF-8 bytes, refusing NUL bytes (binary data) and bad encodings.
+
+    ``offset`` and ``first_line`` place the block in the file for the error message.
+    """
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = first_line + data.count(b"\n", 0, nul)
+        raise OntologyFormatError(
+            f"binary data (NUL byte at byte offset {offset + nul}); not a text ontology file",
+            path=str(path),
+            line=line,
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        bad = data[e.start : e.start + 1].hex()
+        raise OntologyFormatError(
+            f"not valid UTF-8 at byte offset {offset + e.start} (byte 0x{bad})",
+            path=str(path),
+            line=line,
+        ) from None
+
+
+def iter_line_blocks(
+    path: Path, *, progress: Progress | None = None, block_size: int = BLOCK_SIZE
+) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(number of the first line, lines)`` for consecutive blocks of the file.
+
+    Lines come without their line break. A UTF-8 byte order mark is dropped. Raises
+    :class:`OntologyFormatError` for a missing, empty, binary or non-UTF-8 file.
+    """
+    total = check_file(path)
+    done = 0
+    line_no = 1
+    carry = b""
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(block_size)
+            if not chunk:
+                break
+            data = carry + chunk if carry else chunk
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                carry = data
+                continue
+            carry = data[cut + 1 :]
+            block = data[: cut + 1]
+            if done == 0 and block.startswith(codecs.BOM_UTF8):
+                block = block[3:]
+                done = 3
+            text = check_bytes(block, path, offset=done, first_line=line_no)
+            lines = text.split("\n")
+            lines.pop()  # the empty string after the final line break
+            yield line_no, lines
+            line_no += len(lines)
+            done += len(block)
+            if progress is not None:
+                progress(done, total)
+        if carry:
+            if done == 0 and carry.startswith(codecs.BOM_UTF8):
+                carry = carry[3:]
+                done = 3
+            text = check_bytes(carry, path, offset=done, first_line=line_no)
+            yield line_no, [text]
+    if progress is not None:
+        progress(total, total)
+
+
+def iter_lines(path: Path, *, progress: Progress | None = None) -> Iterator[str]:
+    """Every line of the file with its line break, checked as in :func:`iter_line_blocks`."""
+    for _, lines in iter_line_blocks(path, progress=progress):
+        for line in lines:
+            yield line + "\n"
+
+
+class ProgressReader:
+    """A binary file wrapper that reports bytes read, for parsers that pull their input."""
+
+    def __init__(self, raw: BinaryIO, total: int, progress: Progress | None):
+        self._raw = raw
+        self._total = total
+        self._progress = progress
+        self._done = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._done += len(data)
+        if self._progress is not None and data:
+            self._progress(self._done, self._total)
+        return data
