@@ -1,0 +1,176 @@
+"""Finding decoder: each target finding's entity embedding queries the fused tokens.
+
+The disease-query design of KAD / MedKLIP, with the queries taken from the ontology GNN: a
+finding is scored by a head shared by all findings, so any concept of the graph (one with no
+training labels included) can be a query and get a logit (zero-shot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.attention import FeedForward, MultiHeadAttention
+from models.errors import ConfigError
+
+
+@dataclass
+class DecoderConfig:
+    """Shape of the finding decoder.
+
+    Args:
+        layers: decoder blocks (default 2).
+        heads: attention heads (default 8; the model width must divide by it).
+        ffn_mult: feed-forward width multiplier (default 4).
+        dropout: dropout on attention weights and block outputs (default 0.1).
+        self_attention: queries attend to each other before the tokens (default ``True``);
+            lets co-occurring findings inform each other, at the price of a finding's score
+            depending on which other findings are asked at the same time.
+        target_bias: learn a query offset and a logit bias per trained target (default
+            ``True``); concepts outside the targets (zero-shot) get zero bias.
+    """
+
+    layers: int = 2  # decoder blocks
+    heads: int = 8  # attention heads
+    ffn_mult: int = 4  # feed-forward hidden width = ffn_mult * D
+    dropout: float = 0.1  # attention and residual dropout
+    self_attention: bool = True  # queries attend to each other in every block
+    target_bias: bool = True  # learned per-target query offset and logit bias
+
+    def __post_init__(self) -> None:
+        if self.layers < 1:
+            raise ConfigError(f"decoder.layers must be >= 1, got {self.layers}")
+        if self.heads < 1 or self.ffn_mult < 1:
+            raise ConfigError(
+                f"decoder.heads and decoder.ffn_mult must be >= 1, got {self.heads}, "
+                f"{self.ffn_mult}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"decoder.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DecoderOutput:
+    """What :class:`FindingDecoder` returns.
+
+    Attributes:
+        logits: (B, K) one logit per query.
+        token_attention: (B, K, S) last block's cross-attention over all fused tokens,
+            heads averaged; zero at padded tokens.
+        patch_attention: (B, K, P) ``token_attention`` over the first ``P`` (image) tokens,
+            renormalised to sum to 1 per query.
+        entity_relevance: (B, K, N) ``token_attention @ fusion_attention`` when the fusion
+            attention was given, else ``None``.
+    """
+
+    logits: torch.Tensor
+    token_attention: torch.Tensor
+    patch_attention: torch.Tensor
+    entity_relevance: torch.Tensor | None
+
+
+class DecoderBlock(nn.Module):
+    r"""Pre-norm decoder block: optional self-attention, cross-attention, feed-forward.
+
+    .. math::
+        q \leftarrow q + \mathrm{SA}(\mathrm{LN}(q)),\quad
+        q \leftarrow q + \mathrm{CA}(\mathrm{LN}(q), X),\quad
+        q \leftarrow q + \mathrm{FFN}(\mathrm{LN}(q))
+
+    Args:
+        dim: model width ``D``.
+        config: :class:`DecoderConfig`.
+
+    Shapes:
+        queries: (K, D) or (B, K, D); tokens: (B, S, D); token_mask: (B, S) bool, ``True``
+        = padded -> queries (B, K, D), cross-attention (B, K, S).
+    """
+
+    def __init__(self, dim: int, config: DecoderConfig):
+        super().__init__()
+        self.self_attn: MultiHeadAttention | None = None
+        self.norm_sa: nn.LayerNorm | None = None
+        if config.self_attention:
+            self.norm_sa = nn.LayerNorm(dim)
+            self.self_attn = MultiHeadAttention(dim, config.heads, config.dropout)
+        self.norm_ca = nn.LayerNorm(dim)
+        self.norm_tokens = nn.LayerNorm(dim)
+        self.cross_attn = MultiHeadAttention(dim, config.heads, config.dropout)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, config.ffn_mult, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.self_attn is not None and self.norm_sa is not None:
+            x = self.norm_sa(queries)
+            queries = queries + self.dropout(self.self_attn(x, x)[0])  # (K, D) or (B, K, D)
+        a, w = self.cross_attn(self.norm_ca(queries), self.norm_tokens(tokens), token_mask)
+        queries = queries + self.dropout(a)  # (B, K, D)
+        queries = queries + self.dropout(self.ffn(self.norm_ff(queries)))
+        return queries, w
+
+
+class FindingDecoder(nn.Module):
+    """Per-finding queries over fused tokens, scored by one shared head.
+
+    Args:
+        dim: model width ``D``.
+        config: :class:`DecoderConfig` (default ``DecoderConfig()``).
+
+    Shapes:
+        queries: (K, D) entity embeddings of the findings (plus any per-target offset),
+        tokens: (B, S, D) fused tokens, the first ``num_image_tokens`` = P of them image
+        patches; token_mask: (B, S) bool, ``True`` = padded text token; logit_bias: (K,);
+        fusion_attention: (B, S, N). See :class:`DecoderOutput` for what comes back.
+    """
+
+    def __init__(self, dim: int, config: DecoderConfig | None = None):
+        super().__init__()
+        self.config = config or DecoderConfig()
+        if dim % self.config.heads:
+            raise ConfigError(f"dim={dim} must be divisible by decoder.heads={self.config.heads}")
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dim, self.config) for _ in range(self.config.layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        # Shared by every finding: the property that makes zero-shot scoring possible.
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        tokens: torch.Tensor,
+        num_image_tokens: int,
+        token_mask: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+        fusion_attention: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        if not 0 < num_image_tokens <= tokens.shape[1]:
+            raise ValueError(
+                f"num_image_tokens must be in (0, {tokens.shape[1]}], got {num_image_tokens}"
+            )
+        h = queries
+        attn: torch.Tensor | None = None
+        for block in self.blocks:
+            h, attn = block(h, tokens, token_mask)  # (B, K, D), (B, K, S)
+        assert attn is not None
+        if h.dim() == 2:  # pragma: no cover - blocks always return batched queries
+            h = h.unsqueeze(0)
+        h = h.expand(tokens.shape[0], -1, -1)  # (B, K, D)
+        logits = self.head(self.norm(h)).squeeze(-1)  # (B, K)
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        attn = attn.expand(tokens.shape[0], -1, -1)  # (B, K, S)
+        patch = attn[..., :num_image_tokens]  # (B, K, P)
+        patch = patch / patch.sum(-1, keepdim=True).clamp_min(1e-12)
+        relevance = None
+        if fusion_attention is not None:
+            relevance = attn @ fusion_attention  # (B, K, S) @ (B, S, N) -> (B, K, N)
+        return DecoderOutput(logits, attn, patch, relevance)
