@@ -184,12 +184,13 @@ def load_checkpoint(
         state = load_file(str(weights), device="cpu")
     except Exception as e:
         raise CheckpointError(f"{weights}: unreadable safetensors file: {e}") from e
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{weights} does not fit the config: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        shown = "; ".join(line.strip() for line in lines[1:4]) or lines[0]
+        more = f" (and {len(lines) - 4} more)" if len(lines) > 4 else ""
+        raise CheckpointError(f"{weights} does not fit the config: {shown}{more}") from e
     model.info = info
     return model.to(device).eval()
 

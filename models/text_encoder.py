@@ -166,8 +166,13 @@ class TextEncoder:
     def _load(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
         if self._tokenizer is None or self._model is None:
             from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
 
             log.info("loading text encoder %s from %s", self.encoder_id, self.path)
+            # transformers draws a weight-loading bar even into a pipe; keep stderr clean.
+            quiet = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
+            if quiet:
+                hf_logging.disable_progress_bar()
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(
                     str(self.path), local_files_only=True
@@ -177,6 +182,9 @@ class TextEncoder:
                 )
             except (OSError, ValueError) as e:
                 raise EncoderError(f"cannot load text encoder from {self.path}: {e}") from e
+            finally:
+                if quiet:
+                    hf_logging.enable_progress_bar()
             model.eval().requires_grad_(False)
             self._model = model.to(self.device)
         return self._tokenizer, self._model

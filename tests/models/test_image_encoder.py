@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.errors import ConfigError, EncoderError
+from models.image_encoder import ImageEncoder, ImageEncoderConfig
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "grid"),
+    [
+        ("cnn", 32, (4, 4)),
+        ("cnn", 48, (6, 6)),
+        ("densenet121", 64, (2, 2)),
+        ("resnet18", 64, (2, 2)),
+        ("vit", 32, (2, 2)),
+    ],
+)
+def test_patch_tokens(backbone: str, size: int, grid: tuple[int, int]) -> None:
+    cfg = ImageEncoderConfig(backbone=backbone, image_size=size, out_dim=32, vit_layers=2)
+    enc = ImageEncoder(cfg).eval()
+    out = enc(torch.randn(2, 1, size, size))
+    assert out.grid == grid
+    assert out.tokens.shape == (2, grid[0] * grid[1], 32)
+    assert torch.isfinite(out.tokens).all()
+
+
+def test_tokens_are_row_major() -> None:
+    """Token ``r * cols + c`` comes from feature-map position (r, c)."""
+    enc = ImageEncoder(ImageEncoderConfig(backbone="cnn", image_size=32, out_dim=8)).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        fmap = enc.proj(enc.backbone(x))  # (1, 8, 4, 4)
+        tokens = enc(x).tokens  # (1, 16, 8)
+    expected = enc.norm(fmap[0, :, 1, 2])
+    torch.testing.assert_close(tokens[0, 1 * 4 + 2], expected)
+
+
+def test_rejects_rgb() -> None:
+    enc = ImageEncoder(ImageEncoderConfig(backbone="cnn", image_size=32, out_dim=8))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        enc(torch.randn(1, 3, 32, 32))
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="backbone"):
+        ImageEncoderConfig(backbone="vgg")
+    with pytest.raises(ConfigError, match="patch_size"):
+        ImageEncoderConfig(backbone="vit", image_size=40, patch_size=16)
+
+
+def test_pretrained_safetensors(tmp_path: Path) -> None:
+    cfg = ImageEncoderConfig(backbone="cnn", image_size=32, out_dim=8)
+    donor = ImageEncoder(cfg)
+    with torch.no_grad():
+        for p in donor.backbone.parameters():
+            p.add_(1.0)
+    path = tmp_path / "cnn.safetensors"
+    # prefixed keys, an RGB first conv, and a classifier head the backbone lacks
+    state = {f"model.{k}": v.clone() for k, v in donor.backbone.state_dict().items()}
+    w0 = state["model.body.0.weight"]
+    state["model.body.0.weight"] = torch.cat([w0, w0, w0], 1) / 3
+    state["model.fc.weight"] = torch.zeros(2, 64)
+    save_file(state, str(path))
+    enc = ImageEncoder(
+        ImageEncoderConfig(backbone="cnn", image_size=32, out_dim=8, pretrained_path=str(path))
+    )
+    for (name, a), b in zip(
+        enc.backbone.state_dict().items(), donor.backbone.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_pretrained_refuses_pickles_and_foreign_files(tmp_path: Path) -> None:
+    pt = tmp_path / "weights.pt"
+    pt.write_bytes(b"\x80\x04")
+    with pytest.raises(EncoderError, match="safetensors"):
+        ImageEncoder(ImageEncoderConfig(backbone="cnn", image_size=32, pretrained_path=str(pt)))
+    other = tmp_path / "other.safetensors"
+    save_file({"something.else": torch.zeros(3)}, str(other))
+    with pytest.raises(EncoderError, match="no tensor matches"):
+        ImageEncoder(ImageEncoderConfig(backbone="cnn", image_size=32, pretrained_path=str(other)))
