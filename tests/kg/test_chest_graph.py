@@ -124,8 +124,9 @@ def test_nih_label_maps_by_file_and_by_name(chest: Ontology, label: str) -> None
 
 @pytest.mark.parametrize("label", CHEXPERT_LABELS)
 def test_chexpert_label_maps_by_file_and_by_name(chest: Ontology, label: str) -> None:
-    assert map_labels([label], chest, NIH_LABEL_MAP).resolved[label] == (
-        map_labels([label], chest).resolved[label]
+    assert (
+        map_labels([label], chest, NIH_LABEL_MAP).resolved[label]
+        == (map_labels([label], chest).resolved[label])
     )
 
 
@@ -228,7 +229,11 @@ def test_consolidation_reaches_pneumonia_and_opacity(chest: Ontology) -> None:
 
 @pytest.mark.parametrize(
     ("part", "whole"),
-    [("Right middle lobe", "Lung"), ("Left atrium", "Mediastinum"), ("Costophrenic angle", "Pleura")],
+    [
+        ("Right middle lobe", "Lung"),
+        ("Left atrium", "Mediastinum"),
+        ("Costophrenic angle", "Pleura"),
+    ],
 )
 def test_anatomy_part_of(chest: Ontology, part: str, whole: str) -> None:
     graph = ConceptGraph.from_ontology(chest)
