@@ -257,7 +257,11 @@ def parse_obo(
                             target = unescape(target)
                         edges.append(("is_a", intern(target, target), weight, source))
                     elif tag in _SYNONYM_TAGS:
-                        synonyms.append(_quoted(value)[0])
+                        end = value.find('"', 1)
+                        if value[:1] == '"' and end > 0 and "\\" not in value[1:end]:
+                            synonyms.append(value[1:end])  # the common case: no escapes
+                        else:
+                            synonyms.append(_quoted(value)[0])
                     elif tag == "xref":
                         # The first token is the xref; a quoted description may follow.
                         token = value.split(None, 1)[0] if value else ""
@@ -268,24 +272,33 @@ def parse_obo(
                     elif tag == "def":
                         definition = _quoted(value)[0]
                     elif tag == "name":
-                        label = unescape(_split_trailing(value)[0])
+                        if "!" in value or "{" in value or "\\" in value:
+                            label = unescape(_split_trailing(value)[0])
+                        else:
+                            label = value
                     elif tag == "id":
                         if cid is not None:
                             raise _LineError(f"second id {value!r} in a [Term] stanza")
                         main = _split_trailing(value)[0]
                         if not main or " " in main:
                             raise _LineError(f"malformed id {value!r}")
-                        main = unescape(main)
+                        if "\\" in main:
+                            main = unescape(main)
                         cid = intern(main, main)
                     elif tag == "relationship":
-                        main, weight, source = _edge_fields(value)
+                        if "!" in value or "{" in value or "\\" in value:
+                            main, weight, source = _edge_fields(value)
+                        else:
+                            main, weight, source = value, None, ""
                         parts = main.split()
                         if len(parts) != 2:
                             raise _LineError(
                                 f"expected 'relationship: RELATION TARGET', got {value[:60]!r}"
                             )
-                        target = unescape(parts[1])
-                        edges.append((unescape(parts[0]), intern(target, target), weight, source))
+                        pred, target = parts
+                        if "\\" in main:
+                            pred, target = unescape(pred), unescape(target)
+                        edges.append((pred, intern(target, target), weight, source))
                     elif tag == "is_obsolete":
                         obsolete = _split_trailing(value)[0] == "true"
                     elif tag == "replaced_by":

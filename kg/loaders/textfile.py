@@ -58,7 +58,7 @@ def check_bytes(data: bytes, path: Path, *, offset: int = 0, first_line: int = 1
 
 
 def iter_line_blocks(
-    path: Path, *, progress: Progress | None = None, block_size: int = BLOCK_SIZE
+    path: Path, *, progress: Progress | None = None, block_size: int | None = None
 ) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(number of the first line, lines)`` for consecutive blocks of the file.
 
@@ -66,6 +66,7 @@ def iter_line_blocks(
     :class:`OntologyFormatError` for a missing, empty, binary or non-UTF-8 file.
     """
     total = check_file(path)
+    block_size = block_size or BLOCK_SIZE
     done = 0
     line_no = 1
     carry = b""
