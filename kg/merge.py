@@ -19,7 +19,8 @@ hierarchy is never folded onto itself. Obsolete concepts match only by id.
 Every relation of the result says where it came from in :attr:`Relation.source`: the
 source it already had, else the name of the ontology it came from. ``b``'s relations are
 rewritten onto the unified ids; one that then repeats an ``a`` relation (same subject,
-predicate and object) is dropped, and one that became a self-loop is dropped too.
+predicate and object) is dropped. Unification is one-to-one, so no relation of ``b``
+becomes a self-loop.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ class MergeReport:
         added: concepts of ``b`` added as new concepts.
         relations_a, relations_b: relations taken from each side.
         duplicates_dropped: ``b`` relations that repeated one already present.
-        self_loops_dropped: ``b`` relations whose ends were unified into one concept.
         cycle: an ``is_a`` cycle the merge created (in order), empty when there is none.
     """
 
@@ -79,7 +79,6 @@ class MergeReport:
     relations_a: int = 0
     relations_b: int = 0
     duplicates_dropped: int = 0
-    self_loops_dropped: int = 0
     cycle: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
@@ -102,7 +101,6 @@ class MergeReport:
             "relations_a": self.relations_a,
             "relations_b": self.relations_b,
             "duplicates_dropped": self.duplicates_dropped,
-            "self_loops_dropped": self.self_loops_dropped,
             "cycle": list(self.cycle),
         }
 
@@ -276,9 +274,6 @@ def merge(
     report.relations_a = len(relations)
     for r in b.relations:
         s, o = remap.get(r.subject, r.subject), remap.get(r.object, r.object)
-        if s == o and r.subject != r.object:
-            report.self_loops_dropped += 1
-            continue
         key = (s, r.predicate, o)
         if key in seen:
             report.duplicates_dropped += 1
