@@ -97,11 +97,14 @@ def dicom_to_array(ds: Dataset, frame: int = 0, voi_index: int = 0) -> np.ndarra
 
 def _grayscale(arr: np.ndarray, ds: Dataset, voi_index: int) -> np.ndarray:
     """Modality LUT then VOI, scaled to [0, 1]. Shapes: (H, W) -> (H, W) float64."""
-    values = apply_modality_lut(arr, ds).astype(np.float64)
+    values = apply_modality_lut(arr, ds)
     voi_range = _voi_output_range(ds)
     if voi_range is not None:
+        if ds.get("VOILUTSequence") and values.dtype.kind == "f":
+            # a LUT is indexed by value; a rescale (even identity) gives floats
+            values = np.rint(values).astype(np.int64)
         try:
-            windowed = apply_voi_lut(values, ds, index=voi_index, prefer_lut=True)
+            windowed = _apply_voi(values, ds, voi_index)
         except (ValueError, IndexError, KeyError, TypeError) as e:
             log.warning("ignoring invalid VOI LUT / window (%s); using min-max scaling", e)
         else:
@@ -109,7 +112,32 @@ def _grayscale(arr: np.ndarray, ds: Dataset, voi_index: int) -> np.ndarray:
             if hi > lo:
                 out = (np.asarray(windowed, dtype=np.float64) - lo) / (hi - lo)
                 return cast(np.ndarray, np.clip(out, 0.0, 1.0))
-    return _min_max(values)
+    return _min_max(values.astype(np.float64))
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset, voi_index: int) -> np.ndarray:
+    """pydicom's VOI LUT / windowing, except for 8-bit LUTs longer than 256 entries.
+
+    pydicom 3.0's ``apply_voi`` indexes an 8-bit LUT through a ``uint8`` array, so inputs
+    above 255 wrap around; such LUTs (e.g. 4096 entries -> 8 bits on a 12-bit DX) are looked
+    up here the same way (PS3.3 C.11.2.1.1: below the first mapped value -> first entry,
+    beyond the last -> last entry).
+    """
+    seq = ds.get("VOILUTSequence")
+    if seq:
+        item = seq[voi_index]
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        entries = entries or 2**16
+        if bits == 8 and entries > 256:
+            data = item.LUTData
+            if isinstance(data, bytes):
+                little = ds.original_encoding[1] is not False
+                lut = np.frombuffer(data[: 2 * entries], dtype="<u2" if little else ">u2")
+            else:
+                lut = np.asarray(data, dtype=np.int64)
+            index = np.clip(np.asarray(values, dtype=np.int64) - first, 0, len(lut) - 1)
+            return cast(np.ndarray, lut[index])
+    return apply_voi_lut(values, ds, index=voi_index, prefer_lut=True)
 
 
 def _voi_output_range(ds: Dataset) -> tuple[float, float] | None:

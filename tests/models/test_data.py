@@ -79,7 +79,7 @@ def test_csv_dataset_labels_mask_meta_and_skipped(cxr_csv: Path) -> None:
 
     image, labels, mask, meta = ds[0]
     assert image.shape == (1, 256, 256) and image.dtype == torch.float32
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0.05
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0 and float(image.std()) > 0.05
     assert labels.dtype == torch.float32 and labels.shape == (15,)
     assert labels[k["Effusion"]] == 1 and labels[k["Pneumonia"]] == 0
     assert mask.sum() == 15  # ALL labelled
@@ -188,7 +188,7 @@ def test_unreadable_image_is_skipped_up_front(tmp_path: Path, verify: str) -> No
     ds = CsvImageDataset(path, tmp_path, ["Pneumonia"], verify=verify)
     assert len(ds) == 1 and ds.skipped[0][0] == "bad.png"
     assert ds.skipped[0][1].startswith("unreadable")
-    with pytest.raises(DataError, match="1 image\\(s\\) missing or unreadable: bad.png"):
+    with pytest.raises(DataError, match=r"1 image\(s\) missing or unreadable: bad\.png"):
         CsvImageDataset(path, tmp_path, ["Pneumonia"], verify=verify, strict=True)
 
 
@@ -199,11 +199,11 @@ def test_image_broken_after_construction_is_replaced_or_fatal(tmp_path: Path) ->
     path = _write_csv(tmp_path / "l.csv", rows)
     ds = CsvImageDataset(path, tmp_path, ["Pneumonia"])
     (tmp_path / "a.png").write_bytes(b"truncated")
-    image, labels, _, meta = ds[0]
+    _, labels, _, meta = ds[0]
     assert meta["id"] == "b.png" and labels.tolist() == [0.0]  # the next sample
     assert ds.skipped[0][0] == "a.png"
     strict = CsvImageDataset(path, tmp_path, ["Pneumonia"], verify="none", strict=True)
-    with pytest.raises(DataError, match="a.png: unreadable at load time"):
+    with pytest.raises(DataError, match=r"a\.png: unreadable at load time"):
         strict[0]
 
 
