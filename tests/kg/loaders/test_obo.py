@@ -188,9 +188,9 @@ def test_errors_in_later_blocks_count_lines_across_blocks(
 
 def test_hpo_parses_fast(hpo_obo: Path) -> None:
     parse_obo(hpo_obo)  # warm the page cache
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: other processes on the machine do not count
     onto = load_ontology(hpo_obo)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len(onto) > 15000 and onto.name == "hp"
     assert onto.meta["data-version"].startswith("hp/releases/")
     assert elapsed < 1.0, f"HPO took {elapsed:.2f} s to parse and validate"
