@@ -267,10 +267,9 @@ def merge(
     if json:
         print_json({"created": created, **_version_dict(info), "report": report.to_dict()})
         return
-    summary = report.to_dict()
     typer.echo(
         f"{'stored' if created else 'already stored'} {info.ref}: {info.n_concepts} concepts, "
-        f"{info.n_relations} relations; {summary.get('matched_count', len(report.matched))} "
+        f"{info.n_relations} relations; {len(report.matched)} "
         "concepts unified"
     )
 
