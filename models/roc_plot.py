@@ -51,17 +51,28 @@ def plot_roc(
     fig = Figure(figsize=(7, 6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    colours = [matplotlib.colormaps["tab20"](i % 20) for i in range(len(names))]
+    # ten distinct colours, then the same colours dashed: 15 findings stay tellable apart
+    colours = [matplotlib.colormaps["tab10"](i % 10) for i in range(len(names))]
+    styles = ["-" if i < 10 else "--" for i in range(len(names))]
     for k, name in enumerate(names):
         rows = m[:, k] > 0
         yk, pk = y[rows, k], p[rows, k]
         value = auroc(pk, yk) if rows.any() else None
         n_pos = int(yk.sum())
         if value is None:
-            ax.plot([], [], color=colours[k], label=f"{name}: undefined (n_pos={n_pos})")
+            ax.plot(
+                [], [], color=colours[k], ls=styles[k], label=f"{name}: undefined (n_pos={n_pos})"
+            )
             continue
         fpr, tpr, _ = roc_curve(yk, pk)
-        ax.plot(fpr, tpr, color=colours[k], lw=1.4, label=f"{name}: {value:.3f} (n_pos={n_pos})")
+        ax.plot(
+            fpr,
+            tpr,
+            color=colours[k],
+            ls=styles[k],
+            lw=1.4,
+            label=f"{name}: {value:.3f} (n_pos={n_pos})",
+        )
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
