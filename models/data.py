@@ -242,7 +242,8 @@ class LabelledImageDataset(Dataset[Item]):
 
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation draws: sample ``i`` of epoch ``e`` is seeded by
-        ``(seed, e, i)``."""
+        ``(seed, e, i)``. Call it before creating the epoch's DataLoader iterator; workers
+        of a ``persistent_workers=True`` loader keep the epoch they started with."""
         self.epoch = int(epoch)
 
     def subset(self: _D, indices: Iterable[int]) -> _D:
@@ -612,6 +613,7 @@ class NpzDataset(LabelledImageDataset):
                 raw = np.asarray(data[lab_key])
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read npz file {self.path}: {e}") from e
+        scale = 255.0 if images.dtype == np.uint8 else max(float(images.max(initial=0)), 1.0)
         if images.ndim == 4:
             images = images.mean(axis=-1)
         if images.ndim != 3:
@@ -634,7 +636,7 @@ class NpzDataset(LabelledImageDataset):
         if len(images) == 0:
             raise DataError(f"{self.path}: split {split!r} is empty")
         self.images = images
-        self.scale = 255.0 if images.dtype == np.uint8 else max(float(images.max()), 1.0)
+        self.scale = scale
         self.labels = raw.astype(np.float32)
         self.mask = np.ones_like(self.labels)
         self.ids = [f"{split}_{i}" for i in range(len(images))]

@@ -428,3 +428,12 @@ def test_real_labels_csv_summary() -> None:
     assert s["n"] == 4644 and s["skipped"] == 0
     assert s["positives"]["Hernia"] == 64 and s["positives"]["Effusion"] == 918
     assert s["unknown"]["Atelectasis"] == 958 and s["unknown"]["Pneumonia"] == 0
+
+
+def test_npz_colour_images_become_gray(tmp_path: Path) -> None:
+    path = tmp_path / "c.npz"
+    rgb = np.zeros((1, 2, 2, 3), np.uint8)
+    rgb[0, 0, 0] = (255, 255, 255)
+    np.savez(path, train_images=rgb, train_labels=np.array([[1]], np.uint8))
+    image = NpzDataset(path)[0][0]
+    assert image.shape == (1, 2, 2) and float(image.max()) == pytest.approx(1.0)
