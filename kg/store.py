@@ -33,7 +33,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import filelock
-from sqlalchemy import Connection, Engine, Table, case, create_engine, event, func, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    case,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
@@ -148,7 +158,21 @@ class GraphStore:
             self._engine = create_engine(self._url, pool_pre_ping=True)
             self._search = PostgresSearch
             tables = schema.COMMON_TABLES + schema.POSTGRES_TABLES
-        schema.metadata.create_all(self._engine, tables=list(tables))
+        self._create_tables(tables)
+
+    def _create_tables(self, tables: tuple[Table, ...]) -> None:
+        # Look first, so that opening a store never waits for a running load's write lock.
+        with self._engine.connect() as conn:
+            existing = set(inspect(conn).get_table_names())
+        if all(t.name in existing for t in tables):
+            return
+        with self._engine.connect() as conn:
+            conn = conn.execution_options(kgdx_write=True)
+            with conn.begin():
+                if self.dialect == "postgresql":
+                    # Two replicas starting at once must not both create the tables.
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PG_LOCK_KEY + 1,))
+                schema.metadata.create_all(conn, tables=list(tables))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
