@@ -4,7 +4,7 @@ Ground truth is ``BBox_List_2017.csv.gz`` of NIH ChestX-ray14 (984 boxes, 8 find
 1024 x 1024 originals). Its ``Image Index`` (``00013118_008.png``) is the original file
 name; the cxr/ images are named ``nih_`` + that name (their ``orig_repo_path`` ends with it),
 and the box finding ``Infiltrate`` is the ``Infiltration`` column. 873 boxes on 784 images
-land in cxr/ (856 on 256 px images, 17 on the 64 px ones); every one of them agrees with a
+land in cxr/ (866 on 256 px images, 7 on 64 px ones); every one of them agrees with a
 positive label there.
 
 Coordinates are continuous pixels, ``(x, y, w, h)``; pixel ``(row, col)`` covers
