@@ -121,7 +121,9 @@ concept_names = Table(
     Column("kind", Integer, nullable=False),
     #: :func:`kg.search.sort_key`: fewer words first, the order bm25 gives an AND query.
     Column("sort_key", Integer, nullable=False),
-    Column("tsv", TSVECTOR, Computed("to_tsvector('simple', name)", persisted=True)),
+    #: :func:`kg.search.fold` of ``name``: accents removed, as SQLite's FTS5 tokenizer does.
+    Column("folded", Text, nullable=False),
+    Column("tsv", TSVECTOR, Computed("to_tsvector('simple', folded)", persisted=True)),
     # No index on (version_id, sort_key): the planner would walk it expecting matches to be
     # spread evenly and scan most of a version for a rare word; the GIN bitmap is faster.
     Index("ix_concept_names_version", "version_id"),

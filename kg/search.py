@@ -18,6 +18,7 @@ those, ranks them, and never sorts all matches.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,12 @@ def normalize(text: str) -> str:
     return _SPACE.sub(" ", text).strip().casefold()
 
 
+def fold(text: str) -> str:
+    """``text`` without diacritics (``Épanchement`` -> ``Epanchement``)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
 def query_tokens(text: str) -> list[str]:
     """The alphanumeric tokens of ``text`` (at most :data:`MAX_TOKENS`), lower-cased.
 
@@ -75,7 +82,7 @@ def query_tokens(text: str) -> list[str]:
         raise KgError(f"search text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise KgError("search text is empty")
-    return [t.lower() for t in _TOKEN.findall(text)][:MAX_TOKENS]
+    return [t.lower() for t in _TOKEN.findall(fold(text))][:MAX_TOKENS]
 
 
 def fts5_query(tokens: Sequence[str]) -> str:
@@ -211,9 +218,9 @@ class PostgresSearch:
         # query leaves the stored tsvector alone: carrying it doubles the cost of a common word.
         sql = (
             "SELECT n.idx, n.name, n.kind, "
-            "ts_rank(to_tsvector('simple', n.name), to_tsquery('simple', %(q)s), 2), "
+            "ts_rank(to_tsvector('simple', n.folded), to_tsquery('simple', %(q)s), 2), "
             "c.concept_id, c.label, c.obsolete "
-            "FROM (SELECT idx, name, kind FROM concept_names "
+            "FROM (SELECT idx, name, folded, kind FROM concept_names "
             "WHERE version_id = %(v)s AND tsv @@ to_tsquery('simple', %(q)s) "
             "ORDER BY sort_key LIMIT %(n)s) AS n "
             "JOIN concepts AS c ON c.version_id = %(v)s AND c.idx = n.idx"

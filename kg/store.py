@@ -67,6 +67,7 @@ from kg.search import (
     PostgresSearch,
     SearchHit,
     SqliteSearch,
+    fold,
     name_rows,
     query_tokens,
     rank_hits,
@@ -419,8 +420,8 @@ class GraphStore:
             self._bulk(
                 conn,
                 "concept_names",
-                ("version_id", "idx", "name", "kind", "sort_key"),
-                [(vid, i, n, k, sort_key(n, k)) for i, n, k in names],
+                ("version_id", "idx", "name", "folded", "kind", "sort_key"),
+                [(vid, i, n, fold(n), k, sort_key(n, k)) for i, n, k in names],
             )
         return len(names)
 
