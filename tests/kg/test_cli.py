@@ -255,3 +255,33 @@ def test_merged_ids_resolve_through_xrefs(home: Path, mini_obo: Path, tmp_path: 
     assert json.loads(out)["paths"][0]["nodes"][-1]["id"] == "X:3"
     code, out, _ = kgdx("ontology", "show", "O:10", "-o", "both", "--json")
     assert code == 0 and json.loads(out)["label"] == "Lobar pneumonia"
+
+
+def test_two_loads_at_once_fail_fast(home: Path, mini_obo: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    kgdx("ontology", "list")  # creates the database
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+            "print('held', flush=True); time.sleep(30)",
+            str(home / "kgdx.db.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.perf_counter()
+        code, _, err = kgdx("ontology", "load", str(mini_obo))
+        assert code == 1 and "another ontology load is in progress" in err
+        assert time.perf_counter() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    assert kgdx("ontology", "list", "--json")[1].count('"ref"') == 0
+    assert kgdx("ontology", "load", str(mini_obo))[0] == 0
