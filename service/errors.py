@@ -89,7 +89,7 @@ class NotReadyError(ServiceError):
         super().__init__(message, headers={"Retry-After": "5"})
 
 
-class TimeoutError_(ServiceError):
+class InferenceTimeoutError(ServiceError):
     """A request waited longer than its timeout for inference."""
 
     status = 504
