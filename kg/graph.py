@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from kg.errors import NotFoundError
 from kg.ontology import HIERARCHY_RELATIONS, Ontology
+from kg.tensors import GraphArrays
 
 #: (neighbour index, relation index, direction +1/-1, edge cost)
 Adjacent = tuple[int, int, int, float]
@@ -75,6 +76,18 @@ class ConceptGraph:
         ]
         labels = [ontology.concepts[c].label or c for c in ids]
         return cls.from_edges(ids, labels, relations, edges)
+
+    @classmethod
+    def from_arrays(cls, arrays: GraphArrays) -> ConceptGraph:
+        """Build from the model's :class:`~kg.tensors.GraphArrays` (same node order)."""
+        rows = arrays.edge_index.T.tolist()
+        types = arrays.edge_type.tolist()
+        weights = arrays.edge_weight.tolist()
+        edges = [
+            (s, o, t, None if w == 1.0 else w)
+            for (s, o), t, w in zip(rows, types, weights, strict=True)
+        ]
+        return cls.from_edges(arrays.node_ids, arrays.node_labels, arrays.relations, edges)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -50,3 +50,22 @@ def test_bundled_graph_exports_consistently() -> None:
     co = arrays.relations.index("co_occurs_with")
     weights = arrays.edge_weight[arrays.edge_type == co]
     assert len(weights) > 0 and (weights > 0).all() and (weights <= 1).all() and (weights < 1).any()
+
+
+def test_graph_from_arrays_matches_graph_from_ontology() -> None:
+    from kg.graph import ConceptGraph
+    from kg.paths import PathFinder
+
+    ontology = load_ontology(bundled_ontology_path())
+    a = ConceptGraph.from_arrays(to_arrays(ontology))
+    b = ConceptGraph.from_ontology(ontology)
+    assert a.ids == b.ids and a.relations == b.relations
+
+    def rounded(g: ConceptGraph) -> list[list[tuple[int, int, int, float]]]:
+        # Weights pass through float32 in the arrays.
+        return [sorted((v, r, d, round(c, 5)) for v, r, d, c in adj) for adj in g.adjacency]
+
+    assert rounded(a) == rounded(b)
+    pa = PathFinder(a).paths("KGDX:0000116", "KGDX:0000114")
+    pb = PathFinder(b).paths("KGDX:0000116", "KGDX:0000114")
+    assert [(p.nodes, p.edges) for p in pa] == [(p.nodes, p.edges) for p in pb]

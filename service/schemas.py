@@ -1,0 +1,153 @@
+"""The HTTP API's schemas: what clients send and receive (never tensors or internals)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable error code.")
+    message: str = Field(description="What was wrong, naming the field or value.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ConceptRef(BaseModel):
+    id: str
+    label: str
+
+
+class Heatmap(BaseModel):
+    """A finding's attention over the image, on the model's patch grid, in [0, 1]."""
+
+    rows: int
+    cols: int
+    values: list[list[float]] = Field(description="rows x cols, row-major, 1 = hottest cell")
+    peak: list[int] = Field(description="[row, col] of the hottest cell")
+    extent: list[float] | None = Field(
+        None, description="[x0, y0, x1, y1]: the grid's extent in original image pixels"
+    )
+
+
+class Evidence(BaseModel):
+    concept: ConceptRef
+    relevance: float = Field(description="Share of the finding's attention on this concept")
+
+
+class PathNode(BaseModel):
+    id: str
+    label: str
+
+
+class PathEdge(BaseModel):
+    relation: str
+    direction: str = Field(description="'forward' (subject->object) or 'backward'")
+
+
+class OntologyPath(BaseModel):
+    nodes: list[PathNode]
+    edges: list[PathEdge]
+    score: float
+
+
+class Finding(BaseModel):
+    name: str = Field(description="The finding's label name, e.g. 'Effusion'")
+    concept: ConceptRef
+    probability: float
+    threshold: float
+    positive: bool
+    heatmap: Heatmap | None = None
+    evidence: list[Evidence] = Field(default_factory=list)
+    paths: list[OntologyPath] = Field(default_factory=list)
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+
+
+class OntologyInfo(BaseModel):
+    name: str
+    version: str
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    inference_ms: float
+    explain_ms: float
+    total_ms: float
+
+
+class ImageInfo(BaseModel):
+    kind: str
+    width: int
+    height: int
+    frames: int = 1
+    modality: str | None = None
+    view_position: str | None = None
+
+
+class PredictResponse(BaseModel):
+    id: str
+    created_at: str
+    model: ModelInfo
+    ontology: OntologyInfo
+    image: ImageInfo
+    findings: list[Finding]
+    notes: list[str] = Field(default_factory=list)
+    timings: Timings
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    model: ModelInfo | None = None
+    ontology: OntologyInfo | None = None
+    device: str | None = None
+
+
+class OntologyVersion(BaseModel):
+    name: str
+    version: str
+    active: bool
+    concepts: int
+    relations: int
+    format: str
+    created_at: str
+    serving: bool = Field(False, description="The version the loaded model runs over")
+
+
+class OntologyList(BaseModel):
+    ontologies: list[OntologyVersion]
+
+
+class ConceptDetail(BaseModel):
+    id: str
+    label: str
+    definition: str
+    synonyms: list[str]
+    xrefs: list[str]
+    obsolete: bool
+    replaced_by: list[str]
+    relations: list[ConceptRelation]
+    ontology: OntologyInfo
+
+
+class ConceptRelation(BaseModel):
+    relation: str
+    direction: str
+    concept: ConceptRef
+
+
+class PathList(BaseModel):
+    ontology: OntologyInfo
+    paths: list[OntologyPath]
+
+
+ConceptDetail.model_rebuild()

@@ -1,0 +1,89 @@
+"""Service settings: one ``Settings`` object, from ``KGDX_*`` environment variables and CLI flags.
+
+Validators refuse unsafe values (no authentication on a non-loopback address, limits out of
+range) with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Everything ``kgdx serve`` can be told; environment variables are ``KGDX_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="KGDX_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"  # bind address
+    port: int = Field(8000, ge=1, le=65535)
+    checkpoint: Path | None = None  # checkpoint folder; None = the bundled default model
+    ontology: str | None = None  # file or NAME[@VERSION]; None = the checkpoint's own version
+    allow_other_ontology: bool = False  # serve a checkpoint against another ontology version
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    db_url: str | None = None  # SQLAlchemy URL; None = SQLite under $KGDX_HOME
+    no_auth: bool = False  # only allowed on a loopback host
+    max_batch_size: int = Field(16, ge=1, le=512)  # images per forward pass
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)  # how long a batch waits to fill
+    max_queue: int = Field(256, ge=1, le=100_000)  # waiting requests before 503
+    request_timeout_s: float = Field(60.0, gt=0, le=3600)  # per-request inference deadline
+    decode_threads: int = Field(4, ge=1, le=64)  # image decoding off the event loop
+    max_upload_bytes: int = Field(50 * 2**20, ge=1024)  # larger uploads -> 413
+    max_pixels: int = Field(60_000_000, ge=1024)  # width x height limit, checked before decoding
+    min_image_side: int = Field(16, ge=1)  # smaller images -> 422
+    threshold: float | None = Field(None, ge=0.0, le=1.0)  # default decision threshold
+    top_k_paths: int = Field(3, ge=0, le=20)  # explanation paths per finding
+    evidence_k: int = Field(5, ge=1, le=50)  # evidence concepts per finding
+    max_path_hops: int = Field(4, ge=1, le=6)
+    rate_limit_per_minute: int | None = Field(None, ge=1)  # per API key; None = no limit
+    cors_origins: list[str] = Field(default_factory=list)  # closed by default
+    log_level: str = "INFO"
+    log_json: bool = True
+    drain_timeout_s: float = Field(30.0, ge=0)  # graceful shutdown budget
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {value!r}")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard_cors(cls, value: list[str]) -> list[str]:
+        if "*" in value:
+            raise ValueError("cors_origins may not contain '*': list the origins you trust")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_only_off_on_loopback(self) -> Settings:
+        if self.no_auth and not is_loopback(self.host):
+            raise ValueError(
+                f"no_auth is only allowed on a loopback host (127.0.0.1, ::1, localhost), "
+                f"not {self.host!r}"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings from the environment."""
+    return Settings()
