@@ -1,0 +1,205 @@
+"""Stored predictions: the response JSON, a small PNG of the input, and the versions used.
+
+A result is found by its id (``GET /v1/results/{id}``) or by its study
+(``GET /v1/studies/{StudyInstanceUID}``). The study UID is never stored in clear: the row
+keeps :func:`service.logs.hash_uid` of it and :meth:`ResultStore.by_study` hashes the UID it
+is asked about, so a replica must hash with the same salt (checked when the store opens).
+
+Example::
+
+    store = ResultStore(db)
+    rid = store.put(response, study_uid=uid, image_png=png, model_version="a1b2")
+    store.get(rid).payload["findings"]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, select
+from sqlalchemy.exc import IntegrityError
+
+from service.db import ServiceDatabase, results, utcnow
+from service.logs import hash_uid
+
+__all__ = ["MAX_IMAGE_BYTES", "ResultStore", "StoredResult", "normalize_result_id"]
+
+#: Largest stored input PNG; the overlay needs a downsized copy, not the original.
+MAX_IMAGE_BYTES = 8 * 1024 * 1024
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+_DASHED_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One stored result.
+
+    Args:
+        id: 32 lowercase hex digits.
+        created_at: ISO 8601, UTC.
+        payload: the response JSON as stored.
+        study_uid_hash: :func:`service.logs.hash_uid` of the StudyInstanceUID, if any.
+        model_version: version of the model that produced it.
+        ontology_version: ``name@version`` of the ontology used.
+        has_image: whether :meth:`ResultStore.image` has a PNG for it.
+    """
+
+    id: str
+    created_at: str
+    payload: dict[str, Any]
+    study_uid_hash: str | None
+    model_version: str
+    ontology_version: str
+    has_image: bool
+
+
+def normalize_result_id(result_id: object) -> str | None:
+    """The canonical form (32 lowercase hex) of a result id, ``None`` if it is not one.
+
+    Accepts the dashed UUID form too. Anything else (paths, SQL, empty, non-strings) is
+    ``None``, so untrusted ids from URLs can be checked before they reach a query.
+    """
+    if not isinstance(result_id, str) or len(result_id) > 36:
+        return None
+    rid = result_id.strip().lower()
+    if _DASHED_ID.fullmatch(rid):
+        rid = rid.replace("-", "")
+    return rid if _HEX_ID.fullmatch(rid) else None
+
+
+class ResultStore:
+    """Results in the ``svc_results`` table of a :class:`~service.db.ServiceDatabase`.
+
+    Args:
+        db: the service database, with its tables created
+            (:meth:`~service.db.ServiceDatabase.create_all`).
+
+    Raises:
+        ValueError: when this process hashes UIDs with another salt than the stored data.
+    """
+
+    def __init__(self, db: ServiceDatabase):
+        self.db = db
+        db.check_uid_salt()
+
+    def put(
+        self,
+        payload: dict[str, Any],
+        *,
+        result_id: str | None = None,
+        study_uid: str | None = None,
+        image_png: bytes | None = None,
+        model_version: str = "",
+        ontology_version: str = "",
+    ) -> str:
+        """Store a result; returns its id (a new uuid4 hex unless ``result_id`` is given).
+
+        Raises:
+            ValueError: ``payload`` is not a JSON-serializable dict, ``result_id`` is not a
+                uuid or is taken, or ``image_png`` is not a PNG of at most
+                :data:`MAX_IMAGE_BYTES`.
+        """
+        if not isinstance(payload, dict):
+            raise ValueError(f"payload must be a dict, got {type(payload).__name__}")
+        try:
+            body = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"payload is not JSON-serializable: {exc}") from exc
+        if result_id is None:
+            rid = uuid.uuid4().hex
+        else:
+            checked = normalize_result_id(result_id)
+            if checked is None:
+                raise ValueError(f"result_id must be 32 hex digits (a uuid), got {result_id!r}")
+            rid = checked
+        if image_png is not None:
+            if not isinstance(image_png, bytes | bytearray | memoryview):
+                raise ValueError(f"image_png must be bytes, got {type(image_png).__name__}")
+            image_png = bytes(image_png)
+            if not image_png.startswith(_PNG_SIGNATURE):
+                raise ValueError("image_png is not a PNG (bad signature)")
+            if len(image_png) > MAX_IMAGE_BYTES:
+                raise ValueError(
+                    f"image_png has {len(image_png)} bytes, more than {MAX_IMAGE_BYTES}; "
+                    "store a downsized copy"
+                )
+        try:
+            with self.db.write() as conn:
+                conn.execute(
+                    results.insert().values(
+                        id=rid,
+                        created_at=utcnow(),
+                        study_uid_hash=hash_uid(study_uid),
+                        model_version=str(model_version),
+                        ontology_version=str(ontology_version),
+                        payload=body,
+                        image_png=image_png,
+                    )
+                )
+        except IntegrityError:
+            raise ValueError(f"result id {rid} already exists") from None
+        return rid
+
+    def get(self, result_id: str) -> StoredResult | None:
+        """The result with this id; ``None`` when there is none or the id is malformed."""
+        rid = normalize_result_id(result_id)
+        if rid is None:
+            return None
+        with self.db.read() as conn:
+            row = conn.execute(_SUMMARY.where(results.c.id == rid)).first()
+        return None if row is None else _to_result(row)
+
+    def image(self, result_id: str) -> bytes | None:
+        """The stored input PNG; ``None`` when there is none or the id is malformed."""
+        rid = normalize_result_id(result_id)
+        if rid is None:
+            return None
+        with self.db.read() as conn:
+            data = conn.execute(select(results.c.image_png).where(results.c.id == rid)).scalar()
+        return None if data is None else bytes(data)
+
+    def by_study(self, study_uid: str) -> list[StoredResult]:
+        """Results of the study with this StudyInstanceUID, oldest first (latest is ``[-1]``)."""
+        if not isinstance(study_uid, str):
+            return []
+        hashed = hash_uid(study_uid)
+        if hashed is None:
+            return []
+        with self.db.read() as conn:
+            rows = conn.execute(
+                _SUMMARY.where(results.c.study_uid_hash == hashed).order_by(
+                    results.c.created_at, results.c.id
+                )
+            ).all()
+        return [_to_result(r) for r in rows]
+
+
+# Everything but the image bytes, which only the overlay endpoint needs.
+_SUMMARY = select(
+    results.c.id,
+    results.c.created_at,
+    results.c.payload,
+    results.c.study_uid_hash,
+    results.c.model_version,
+    results.c.ontology_version,
+    results.c.image_png.is_not(None).label("has_image"),
+)
+
+
+def _to_result(row: Row[Any]) -> StoredResult:
+    m = row._mapping
+    return StoredResult(
+        id=m["id"],
+        created_at=m["created_at"],
+        payload=json.loads(m["payload"]),
+        study_uid_hash=m["study_uid_hash"],
+        model_version=m["model_version"],
+        ontology_version=m["ontology_version"],
+        has_image=bool(m["has_image"]),
+    )
