@@ -302,3 +302,20 @@ def test_ontology_without_the_targets_is_refused(
             node_features=torch.zeros(1, features.shape[1]),
             device="cpu",
         )
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--random-init", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("note: CUDA is not available") or torch.cuda.is_available()
+    result = json.loads(lines[-1])
+    assert [r["batch_size"] for r in result["results"]] == [1, 8]
+    assert all(r["images_per_s"] > 0 for r in result["results"])
