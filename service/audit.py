@@ -1,0 +1,140 @@
+"""The append-only audit trail: one row per request, who called what and how it ended.
+
+A row holds the API key id (never the key), the route template, method, status, an outcome,
+the hashed study and instance UIDs, the model and ontology versions and the stage timings.
+The database refuses to change or delete rows (triggers on ``svc_audit``, see
+:mod:`service.db`), so the trail cannot be rewritten through the application. Recording
+never fails a request: a database error becomes a warning in the log.
+
+Example::
+
+    log = AuditLog(db)
+    log.record(AuditRecord(key_id=key.key_id, route="/v1/predict", method="POST", status=200,
+                           outcome=outcome_for_status(200), study_uid_hash=None,
+                           instance_uid_hash=None, model_version="a1b2",
+                           ontology_version="chest@3f2a", timings={"inference_ms": 12.5},
+                           request_id=request_id))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from service.db import ServiceDatabase, audit, utcnow
+
+__all__ = ["MAX_RECENT", "OUTCOMES", "AuditLog", "AuditRecord", "outcome_for_status"]
+
+log = logging.getLogger(__name__)
+
+#: How a request ended. ``rejected``: refused before any work (auth, scope, backpressure).
+OUTCOMES = ("ok", "client_error", "server_error", "rejected")
+#: Most rows :meth:`AuditLog.recent` returns at once.
+MAX_RECENT = 10_000
+
+_REJECTED_STATUSES = frozenset({401, 403, 429, 503})
+
+
+def outcome_for_status(status: int) -> str:
+    """The outcome of a response status: 401/403/429/503 are ``rejected``, then by class."""
+    if status in _REJECTED_STATUSES:
+        return "rejected"
+    if status >= 500:
+        return "server_error"
+    if status >= 400:
+        return "client_error"
+    return "ok"
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What the audit trail keeps about one request.
+
+    Args:
+        key_id: the public id of the API key used, ``None`` without one.
+        route: the route template (``/v1/results/{id}``), never a path holding UIDs.
+        method: HTTP method.
+        status: response status code.
+        outcome: one of :data:`OUTCOMES` (see :func:`outcome_for_status`).
+        study_uid_hash: :func:`service.logs.hash_uid` of the StudyInstanceUID, if any.
+        instance_uid_hash: the same for the SOPInstanceUID.
+        model_version: version of the model that answered, if one did.
+        ontology_version: ``name@version`` of the ontology used, if any.
+        timings: stage name -> milliseconds (``decode_ms``, ``queue_ms``, ...).
+        request_id: the request id also found in the logs.
+    """
+
+    key_id: str | None
+    route: str
+    method: str
+    status: int
+    outcome: str
+    study_uid_hash: str | None
+    instance_uid_hash: str | None
+    model_version: str | None
+    ontology_version: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got {self.outcome!r}")
+
+
+class AuditLog:
+    """Append-only audit rows in ``svc_audit`` of a :class:`~service.db.ServiceDatabase`."""
+
+    def __init__(self, db: ServiceDatabase):
+        self.db = db
+
+    def record(self, rec: AuditRecord) -> None:
+        """Append one row stamped with the current time; never raises (logs a warning)."""
+        try:
+            timings = {
+                str(k): float(v)
+                for k, v in rec.timings.items()
+                if isinstance(v, int | float) and math.isfinite(v)
+            }
+            with self.db.write() as conn:
+                conn.execute(
+                    audit.insert().values(
+                        created_at=utcnow(),
+                        request_id=str(rec.request_id)[:64],
+                        key_id=rec.key_id,
+                        route=str(rec.route)[:200],
+                        method=str(rec.method).upper()[:10],
+                        status=int(rec.status),
+                        outcome=rec.outcome,
+                        study_uid_hash=rec.study_uid_hash,
+                        instance_uid_hash=rec.instance_uid_hash,
+                        model_version=rec.model_version,
+                        ontology_version=rec.ontology_version,
+                        timings=json.dumps(timings, sort_keys=True),
+                    )
+                )
+        except Exception as exc:
+            # The engine hides bound parameters, so the message names no values.
+            log.warning(
+                "audit record not written: %s: %s",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+                extra={"route": rec.route, "status": rec.status},
+            )
+
+    def recent(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest ``limit`` rows, newest first, as dicts (``timings`` decoded)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RECENT:
+            raise ValueError(f"limit must be an integer from 1 to {MAX_RECENT}, got {limit!r}")
+        with self.db.read() as conn:
+            rows = conn.execute(select(audit).order_by(audit.c.id.desc()).limit(limit)).all()
+        out = []
+        for row in rows:
+            d = dict(row._mapping)
+            d["timings"] = json.loads(d["timings"])
+            out.append(d)
+        return out
