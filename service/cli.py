@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from kg.cli import app as ontology_app
+from service.apikey_cli import app as apikey_app
 
 app = typer.Typer(
     name="kgdx",
@@ -17,6 +18,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(ontology_app, name="ontology")
+app.add_typer(apikey_app, name="apikey")
 
 
 def _version(value: bool) -> None:

@@ -53,7 +53,7 @@ def test_default_url_is_sqlite_under_home_with_pragmas(tmp_home: Path) -> None:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() >= 1000
     finally:
         engine.dispose()
 
