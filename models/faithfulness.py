@@ -298,6 +298,7 @@ def _summary(
         "ratio": _finite(ratio),
         "ratio_ci": [_finite(lo), _finite(hi)],
         "random_floored": bool(rd.mean() < config.min_drop),
+        "ratio_unfloored": _finite(float(ev.mean() / rd.mean())) if rd.mean() > 0 else None,
         "evidence_beats_random": round(float((ev > rd).mean()), _ROUND),
     }
 
@@ -317,8 +318,10 @@ def summarise_deletion(
         ``{"k", "random_draws", "seed", "min_drop", "n_boot", "ci", "overall": {...},
         "per_finding": {name: {...}}}`` where each ``{...}`` is ``{"n_pairs",
         "evidence_drop", "random_drop", "ratio", "ratio_ci": [lo, hi], "random_floored",
-        "evidence_beats_random"}`` (the share of pairs whose evidence drop beats their mean
-        random drop). Findings without a tested pair are left out.
+        "ratio_unfloored", "evidence_beats_random"}``: ``ratio_unfloored`` is the plain ratio
+        of means (None when the random drop is not positive), ``evidence_beats_random`` the
+        share of pairs whose evidence drop beats their mean random drop. Findings without a
+        tested pair are left out.
     """
     config = config or DeletionConfig()
     rng = np.random.default_rng(config.seed)

@@ -573,6 +573,34 @@ class Predictor:
             image_ids=image_ids,
         )
 
+    def deletion_test(
+        self,
+        batch: torch.Tensor,
+        output: KgdxOutput,
+        pairs: Sequence[tuple[int, int]] | None = None,
+        config: Any = None,
+    ) -> list[Any]:
+        """Faithfulness of the evidence on this batch (see :mod:`models.faithfulness`).
+
+        Args:
+            batch, output: from :meth:`preprocess` and :meth:`predict`.
+            pairs: ``(image, finding column)`` to test; default: the predicted positives
+                at the checkpoint's thresholds (0.5 without them).
+            config: a :class:`~models.faithfulness.DeletionConfig`.
+
+        Returns:
+            one :class:`~models.faithfulness.DeletionRecord` per pair.
+        """
+        from models.faithfulness import deletion_test, positive_pairs
+
+        self._check_batch(batch)
+        if pairs is None:
+            thresholds = (
+                [self.thresholds[n] for n in self.names] if self.thresholds is not None else 0.5
+            )
+            pairs = positive_pairs(output.probabilities, thresholds=thresholds)
+        return deletion_test(self.model, batch, output, pairs, config)
+
     def run(
         self,
         images: Sequence[np.ndarray | torch.Tensor],

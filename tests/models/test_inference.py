@@ -319,3 +319,15 @@ def test_gpu_check_script_runs_on_the_cpu(capsys: pytest.CaptureFixture[str]) ->
     result = json.loads(lines[-1])
     assert [r["batch_size"] for r in result["results"]] == [1, 8]
     assert all(r["images_per_s"] > 0 for r in result["results"])
+
+
+def test_deletion_test_on_predicted_positives(checkpoint: tuple[Path, torch.nn.Module]) -> None:
+    from models.faithfulness import DeletionConfig, positive_pairs
+
+    predictor = Predictor.load(checkpoint[0], device="cpu")
+    batch, _ = predictor.preprocess(_images(3))
+    out = predictor.predict(batch)
+    records = predictor.deletion_test(batch, out, config=DeletionConfig(k=2, random_draws=2))
+    assert [(r.image, r.finding) for r in records] == positive_pairs(out.probabilities)
+    one = predictor.deletion_test(batch, out, [(1, 0)], DeletionConfig(k=1, random_draws=1))
+    assert len(one) == 1 and len(one[0].evidence) == 1
