@@ -8,7 +8,8 @@ PHI stays out by construction: code logs :func:`hash_uid` of DICOM UIDs and neve
 attributes. :class:`PhiFilter` on the handler is the last line of defence: it redacts what it
 can recognise (``PatientName=...``, ``PatientID``, ``PatientBirthDate``, ``AccessionNumber``,
 pydicom dataset lines and DICOM JSON of the patient group, ``Doe^John``-style person names,
-clear DICOM UIDs, and API keys, kept only down to their public key id).
+clear DICOM UIDs after a UID keyword or in a ``/studies/<uid>`` path (replaced by their hash),
+and API keys, kept only down to their public key id).
 
 Example::
 
@@ -143,6 +144,8 @@ _CLEAR_UID = re.compile(
     r"(?P<uid>[0-9]+(?:\.[0-9]+){2,})",
     re.IGNORECASE,
 )
+# DICOMweb and REST paths: /v1/studies/1.2.840..., /dicomweb/studies/.../series/...
+_PATH_UID = re.compile(r"(?P<key>/(?:studies|series|instances)/)(?P<uid>[0-9]+(?:\.[0-9]+){2,})")
 _PHI_FIELD = re.compile(rf"^(?:{_PHI_KEYWORDS})$", re.IGNORECASE)
 
 
@@ -156,6 +159,7 @@ def redact(text: str) -> str:
     text = _PYDICOM_NAMED.sub(lambda m: m.group("key") + REDACTED, text)
     text = _KEY_VALUE.sub(lambda m: m.group("key") + REDACTED, text)
     text = _CLEAR_UID.sub(lambda m: m.group("key") + f"#{hash_uid(m.group('uid'))}", text)
+    text = _PATH_UID.sub(lambda m: m.group("key") + f"#{hash_uid(m.group('uid'))}", text)
     return _PERSON_NAME.sub(REDACTED, text)
 
 
