@@ -288,7 +288,7 @@ def _check_name(name: object) -> str:
     if len(clean) > NAME_MAX:
         raise ValueError(f"API key name must have at most {NAME_MAX} characters, got {len(clean)}")
     if any(unicodedata.category(c).startswith("C") for c in clean):
-        raise ValueError(f"API key name must not contain control characters, got {clean!r}")
+        raise ValueError("API key name must not contain control characters")
     if parse_key(clean) is not None:
         raise ValueError("API key name must not be an API key")
     return clean
