@@ -12,6 +12,9 @@ see :class:`~models.data.CsvImageDataset`), predicts in batches and writes, unde
   ``timing``; with ``faithfulness`` the deletion test (:mod:`models.faithfulness`) on every
   known positive label; with ``boxes`` the ``localisation`` of each boxed positive finding's
   heat map (pointing game, IoBB > 0.1 / 0.25, Wilson CIs; :mod:`models.localisation`);
+  ``zero_shot`` (``{name: {concept_id, auroc, ci_low, ci_high, n_pos, n}}``) for findings
+  the checkpoint held out of training (``extra.excluded_findings``) whose column is in the
+  CSV, scored from their graph nodes (:func:`~models.inference.zero_shot_scores`);
 - ``roc.png``: ROC curves of every finding.
 
 Boxes are drawn on the 1024 px NIH originals: each is scaled to the image's size, then moved
@@ -22,6 +25,7 @@ the image, where the heat map lives.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json as _json
 import math
 import os
@@ -42,7 +46,7 @@ from models.faithfulness import (
     deletion_test,
     summarise_deletion,
 )
-from models.inference import Predictor
+from models.inference import Predictor, zero_shot_scores
 from models.localisation import (
     NIH_ORIGINAL_SIZE,
     Box,
@@ -52,7 +56,7 @@ from models.localisation import (
     read_bbox_csv,
     scale_box,
 )
-from models.metrics import evaluate_classification
+from models.metrics import evaluate_classification, per_finding_auroc
 from models.roc_plot import plot_roc
 
 #: Images per forward pass.
@@ -184,7 +188,13 @@ def run_evaluation(
     absent = [n for n in predictor.names if n not in present]
     if absent:
         notes.append(f"label columns not in the data, not evaluated: {', '.join(absent)}")
-    dataset = CsvImageDataset(data, images, present, split=split, transform=None)
+    # findings held out of training, scored zero-shot from their graph nodes
+    zero_shot = {
+        name: cid
+        for name, cid in predictor.excluded.items()
+        if name in columns and name not in predictor.names and predictor.model.gnn is not None
+    }
+    dataset = CsvImageDataset(data, images, [*present, *zero_shot], split=split, transform=None)
     if limit is not None and limit < len(dataset):
         dataset = dataset.subset(range(limit))
     cols = [predictor.names.index(n) for n in present]  # model output column per name
@@ -201,6 +211,7 @@ def run_evaluation(
     # -- predict --------------------------------------------------------------------------
     config = deletion or DeletionConfig()
     probs_all: list[np.ndarray] = []
+    zs_all: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[tuple[str, str]] = list(dataset.skipped)
     records: list[DeletionRecord] = []
@@ -224,6 +235,8 @@ def run_evaluation(
             batch, geometries = predictor.preprocess(arrays)
             output = predictor.predict(batch)
             probs_all.append(output.probabilities.numpy()[:, cols])
+            if zero_shot:
+                zs_all.append(zero_shot_scores(predictor, batch, list(zero_shot.values())))
             kept.extend(idx)
             if faithfulness:
                 y, m = dataset.labels[idx], dataset.mask[idx]
@@ -268,7 +281,8 @@ def run_evaluation(
 
     # -- metrics --------------------------------------------------------------------------
     probs = np.concatenate(probs_all)
-    labels, mask = dataset.labels[kept], dataset.mask[kept]
+    n_present = len(present)
+    labels, mask = dataset.labels[kept][:, :n_present], dataset.mask[kept][:, :n_present]
     thresholds = None
     if predictor.thresholds is not None:
         thresholds = {name: predictor.thresholds[name] for name in present}
@@ -310,6 +324,18 @@ def run_evaluation(
         report["faithfulness"] = summarise_deletion(records, predictor.names, config)
         if not records:
             report["notes"].append("faithfulness: no known positive label to test")
+    if zero_shot:
+        zs_auroc = per_finding_auroc(
+            np.concatenate(zs_all),
+            dataset.labels[kept][:, n_present:],
+            dataset.mask[kept][:, n_present:],
+            list(zero_shot),
+            n_boot=n_boot,
+        )
+        report["zero_shot"] = {
+            name: {"concept_id": zero_shot[name], **dataclasses.asdict(r)}
+            for name, r in zs_auroc.items()
+        }
     if annotations is not None:
         report["localisation"] = localisation_report(loc_results)
         report["localisation_info"] = {
@@ -366,6 +392,11 @@ def format_summary(report: dict[str, Any], out: Path) -> str:
             f"faithfulness: evidence drop {_fmt(o['evidence_drop'], 4)} vs random "
             f"{_fmt(o['random_drop'], 4)}, ratio {_fmt(o['ratio'], 2)} "
             f"[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}] over {o['n_pairs']} positive findings"
+        )
+    for name, r in (report.get("zero_shot") or {}).items():
+        lines.append(
+            f"zero-shot {name} ({r['concept_id']}): AUROC {_fmt(r['auroc'])} "
+            f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] n_pos={r['n_pos']} n={r['n']}"
         )
     loc = report.get("localisation")
     if loc and "overall" in loc:

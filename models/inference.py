@@ -304,6 +304,7 @@ class Predictor:
         targets: ``K`` concept ids of the outputs.
         concept_labels: concept id -> preferred label, for every graph node.
         thresholds: decision thresholds by label name saved with the checkpoint, or None.
+        excluded: findings held out of training (label -> concept id), for zero-shot.
         info: the checkpoint's ``checkpoint.json``.
     """
 
@@ -333,6 +334,9 @@ class Predictor:
         labels = dict(zip(arrays.node_ids, arrays.node_labels, strict=True)) if arrays else {}
         self.concept_labels: dict[str, str] = labels
         self.thresholds = stored_thresholds(self.info, self.names, self.targets)
+        excluded = (self.info.get("extra") or {}).get("excluded_findings") or {}
+        #: findings left out of training (label -> concept), scorable zero-shot.
+        self.excluded: dict[str, str] = {str(k): str(v) for k, v in dict(excluded).items()}
         self.ontology_name = ontology_name
         self.ontology_version = ontology_version
         self.model_name = str(self.info.get("model_name") or config.name)

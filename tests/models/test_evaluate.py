@@ -18,7 +18,7 @@ from models import default_checkpoint
 from models.errors import CheckpointError, DataError
 from models.evaluate import run_evaluation
 from models.faithfulness import DeletionConfig
-from models.inference import Predictor
+from models.inference import Predictor, zero_shot_scores
 from models.localisation import Box, localise, scale_box
 from models.metrics import per_finding_auroc
 from tests.models.tiny_checkpoint import NAMES, save_tiny, store_ontology, tiny_model, write_png
@@ -294,3 +294,36 @@ def test_missing_label_columns_are_noted(tmp_path: Path, predictor: Predictor) -
     )
     assert list(report["per_finding"]) == ["Effusion"]
     assert any("Consolidation, Opacity" in n for n in report["notes"])
+
+
+def test_held_out_findings_are_scored_zero_shot(
+    tmp_path: Path,
+    arrays: GraphArrays,
+    features: torch.Tensor,
+    ontology: Ontology,
+    tmp_home: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    version = store_ontology(ontology, features, tmp_home)
+    extra = {"excluded_findings": {"Pneumonia": "X:pneumonia", "Absent": "X:finding"}}
+    save_tiny(tmp_path / "ckpt", tiny_model(arrays, features), version, extra=extra)
+    predictor = Predictor.load(tmp_path / "ckpt", device="cpu")
+    assert predictor.excluded == {"Pneumonia": "X:pneumonia", "Absent": "X:finding"}
+    _, images, rows = _dataset(tmp_path / "d")
+    data = tmp_path / "with_pneumonia.csv"
+    with open(data, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "Pneumonia"])
+        writer.writeheader()
+        for i, r in enumerate(rows):
+            writer.writerow({**r, "labeled_findings": "ALL", "Pneumonia": str(int(i % 4 == 1))})
+    report = run_evaluation(data, images, tmp_path / "o", predictor=predictor, n_boot=20)
+    assert list(report["per_finding"]) == NAMES  # held-out findings stay out of these
+    zs = report["zero_shot"]
+    assert list(zs) == ["Pneumonia"]  # "Absent" has no column
+    assert zs["Pneumonia"]["concept_id"] == "X:pneumonia" and zs["Pneumonia"]["n_pos"] == 4
+    batch, _ = predictor.preprocess([_read(images / r["image"]) for r in rows])
+    scores = zero_shot_scores(predictor, batch, ["X:pneumonia"])[:, 0]
+    y = np.array([int(i % 4 == 1) for i in range(N_IMAGES)])
+    expected = per_finding_auroc(scores, y, None, ["Pneumonia"], n_boot=0)["Pneumonia"]
+    assert zs["Pneumonia"]["auroc"] == pytest.approx(expected.auroc)
+    assert "zero-shot Pneumonia" in capsys.readouterr().out
