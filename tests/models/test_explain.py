@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,33 @@ def test_explanations_of_a_real_model_output(arrays: GraphArrays, features: torc
             assert rel == sorted(rel, reverse=True) and len(rel) == 3
             assert rel[0] == pytest.approx(float(out.entity_relevance[i, c].max()))
             assert heat.on_original().shape == (24, 32)
+
+
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cxr" / "images"
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/cxr is not available")
+def test_real_radiographs_map_back_to_their_pixels(
+    arrays: GraphArrays, features: torch.Tensor
+) -> None:
+    from models.data import load_image
+
+    names = ["kermany_IM-0115-0001.png", "nih_00029548_010.png"]  # 228 x 256, 256 x 256
+    images = [load_image(REAL / n) for n in names]  # read-only
+    model = tiny_model(arrays, features)
+    pre = Preprocess(32)
+    pairs = [pre.with_geometry(im) for im in images]
+    with torch.no_grad():
+        out = model(torch.stack([x for x, _ in pairs]))
+    labels = dict(zip(arrays.node_ids, arrays.node_labels, strict=True))
+    explained = explain_output(out, labels, geometries=[g for _, g in pairs], image_ids=names)
+    for image, pixels in zip(explained, images, strict=True):
+        heat = image.findings[0].heatmap
+        assert heat.on_original().shape == pixels.shape
+        x0, y0, x1, y1 = heat.extent or (0, 0, 0, 0)
+        h, w = pixels.shape
+        # the grid covers the image exactly along its longer side
+        if w >= h:
+            assert (x0, x1) == pytest.approx((0, w), abs=1e-6) and y0 <= 0 and y1 >= h
+        else:
+            assert (y0, y1) == pytest.approx((0, h), abs=1e-6) and x0 <= 0 and x1 >= w
