@@ -86,6 +86,8 @@ _PIL_FORMATS = {
     "gif": "GIF",
     "webp": "WEBP",
 }
+# Sizes of the BMP info headers (BITMAPCOREHEADER ... BITMAPV5HEADER) after "BM".
+_BMP_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Elements longer than this stay on the buffer until the pixels are decoded, so a refused
 # upload never copies its Pixel Data.
@@ -177,9 +179,9 @@ def sniff_kind(data: bytes) -> str | None:
         return "png"
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
-    if data.startswith((b"II*\x00", b"MM\x00*")):
+    if data.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
         return "tiff"
-    if data.startswith(b"BM") and len(data) >= 26:
+    if data.startswith(b"BM") and int.from_bytes(data[14:18], "little") in _BMP_HEADER_SIZES:
         return "bmp"
     if data.startswith((b"GIF87a", b"GIF89a")):
         return "gif"
