@@ -109,29 +109,48 @@ def png_bytes(
     """A PNG of ``array`` (uint8 ``(H, W)`` or ``(H, W, 3|4)``), or of a generated image
     in ``mode`` (``"L"``, ``"RGB"``, ``"RGBA"``, ``"LA"``, ``"P"``, ``"1"``)."""
     if array is not None:
-        return _save(Image.fromarray(array), "PNG")
+        return image_bytes(array, "PNG")
     return image_bytes("PNG", width=width, height=height, mode=mode, seed=seed)
 
 
 def image_bytes(
-    fmt: str, *, width: int = 64, height: int = 48, mode: str = "L", seed: int = 0
+    source: str | np.ndarray,
+    fmt: str | None = None,
+    *,
+    width: int = 64,
+    height: int = 48,
+    mode: str = "L",
+    seed: int = 0,
 ) -> bytes:
-    """A generated image saved by Pillow as ``fmt`` (``"PNG"``, ``"JPEG"``, ``"TIFF"``,
-    ``"BMP"``, ``"GIF"``, ``"WEBP"``) in ``mode``."""
-    if mode in ("RGB", "RGBA"):
-        image = Image.fromarray(rgb_array(height, width, seed=seed))
-        if mode == "RGBA":
-            image.putalpha(255)
+    """An image saved by Pillow as ``fmt`` (``"PNG"``, ``"JPEG"``, ``"TIFF"``, ``"BMP"``,
+    ``"GIF"``, ``"WEBP"``).
+
+    ``image_bytes("TIFF", mode="RGB")`` saves a generated image in ``mode``;
+    ``image_bytes(array, "PNG")`` saves a uint8 ``(H, W)`` / ``(H, W, 3|4)`` array.
+    """
+    if isinstance(source, np.ndarray):
+        image = Image.fromarray(source)
+        fmt = (fmt or "PNG").upper()
     else:
-        image = Image.fromarray(gray_array(height, width, seed=seed))
-        if mode == "LA":
-            image.putalpha(255)
-        elif mode != "L":
-            image = image.convert(mode)
-    params: dict[str, object] = {"quality": 92} if fmt.upper() == "JPEG" else {}
-    if fmt.upper() == "WEBP":
+        if fmt is not None:
+            raise TypeError("give the format once: image_bytes(fmt) or image_bytes(array, fmt)")
+        fmt = source.upper()
+        if mode in ("RGB", "RGBA"):
+            image = Image.fromarray(rgb_array(height, width, seed=seed))
+            if mode == "RGBA":
+                image.putalpha(255)
+        else:
+            image = Image.fromarray(gray_array(height, width, seed=seed))
+            if mode == "LA":
+                image.putalpha(255)
+            elif mode != "L":
+                image = image.convert(mode)
+    params: dict[str, object] = {}
+    if fmt == "JPEG":
+        params = {"quality": 92}
+    elif fmt == "WEBP":
         params = {"lossless": True}
-    return _save(image, fmt.upper(), **params)
+    return _save(image, fmt, **params)
 
 
 def jpeg_bytes(
