@@ -97,9 +97,6 @@ _NOT_RADIOGRAPH = frozenset({"CT", "MR", "US", "NM", "PT", "XA", "RF", "MG", "SE
 # Pillow's own decompression-bomb guard is a process global; it is only ever raised (under
 # this lock) to the largest limit in use, and each call enforces its own limit itself.
 _PIL_LIMIT_LOCK = threading.Lock()
-# ``np.float32(k) / 255`` for every 8-bit value: one pass, one allocation, and the same
-# values as :func:`models.data.pil_to_array`.
-_U8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
 
 @dataclass(frozen=True)
@@ -384,7 +381,9 @@ def _pil_gray(image: Image.Image, notes: list[str]) -> np.ndarray:
         if mode != "1":
             notes.append(f"{mode} converted to gray")
         image = image.convert("L")
-    return _U8_TO_UNIT[np.asarray(image)]
+    out = np.asarray(image).astype(np.float32)
+    out /= np.float32(255.0)  # in place: the same values as pil_to_array, one allocation
+    return out
 
 
 def _drop_alpha(image: Image.Image, notes: list[str]) -> Image.Image:
