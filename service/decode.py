@@ -265,12 +265,12 @@ def decode_image(
         raise UnprocessableImageError("empty file")
     if len(data) > limits.max_bytes:
         raise PayloadTooLargeError(
-            f"upload is {len(data)} bytes; the limit is {limits.max_bytes} bytes "
-            f"({_mib(limits.max_bytes)})"
+            f"upload is {len(data)} bytes; the limit is {limits.max_bytes} bytes"
+            f"{_mib(limits.max_bytes)}"
         )
     kind = sniff_kind(data)
     if kind is None:
-        declared = f"content type {content_type!r}, " if content_type else ""
+        declared = f"content type {content_type[:100]!r}, " if content_type else ""
         raise UnsupportedMediaTypeError(
             f"unsupported file: received {declared}{_describe_unknown(data)} "
             f"({len(data)} bytes); accepted: {ACCEPTED}"
@@ -614,4 +614,4 @@ def _reason(e: BaseException, limit: int = 160) -> str:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
+    return f" ({n / 2**20:g} MiB)" if n >= 2**20 else ""
