@@ -33,9 +33,7 @@ async def readyz(state: State) -> Readiness | JSONResponse:
     described = state.predictor.describe()
     return Readiness(
         status="ready",
-        model=ModelInfo(
-            name=described["model"]["name"], version=described["model"]["version"]
-        ),
+        model=ModelInfo(name=described["model"]["name"], version=described["model"]["version"]),
         ontology=OntologyInfo(**described["ontology"]),
         device=str(state.predictor.device),
     )

@@ -1,0 +1,280 @@
+"""The inference pipeline: ``decode -> preprocess -> predict -> explain -> respond``.
+
+Each stage is a function that can be tested alone; :class:`InferencePipeline` composes the
+model-side stages for one batch (run on the inference worker's thread), and :func:`respond`
+turns one image's explanation into the API's response, with ontology paths from ``kg``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from kg.graph import ConceptGraph
+from kg.paths import PathFinder
+from models.explain import Evidence, FindingExplanation, ImageExplanation
+from models.inference import Predictor
+from models.outputs import KgdxOutput
+from models.transforms import Geometry
+from service.decode import DecodedImage, DecodeLimits, decode_image
+
+#: Relations whose far end is a candidate diagnosis for a finding.
+DIAGNOSIS_RELATIONS = ("suggests", "associated_with")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Per-request options."""
+
+    threshold: float | None = None  # decision threshold; None = the checkpoint's, else 0.5
+    top_k_paths: int = 3  # ontology paths per finding
+    heatmap: bool = True  # include heat maps
+    evidence_k: int = 5  # evidence concepts per finding
+    max_hops: int = 4  # longest explanation path
+
+
+@dataclass
+class PredictRequest:
+    """One decoded image waiting for inference."""
+
+    image: DecodedImage
+    text: str | None = None
+    options: PredictOptions = field(default_factory=PredictOptions)
+
+
+@dataclass
+class BatchItemResult:
+    """What the worker hands back for one image of a batch."""
+
+    explanation: ImageExplanation
+    inference_ms: float  # the whole batch's forward pass
+    explain_ms: float  # this image's share of explain + paths
+    paths: dict[str, list[dict[str, Any]]]  # finding concept id -> serialised paths
+
+
+# -- stages --------------------------------------------------------------------------------
+
+
+def decode(
+    data: bytes,
+    content_type: str | None = None,
+    filename: str | None = None,
+    limits: DecodeLimits | None = None,
+) -> DecodedImage:
+    """Bytes of a PNG, JPEG or DICOM file -> grayscale pixels in [0, 1] (see service.decode)."""
+    return decode_image(
+        data, content_type=content_type, filename=filename, limits=limits or DecodeLimits()
+    )
+
+
+def preprocess(
+    predictor: Predictor, images: Sequence[DecodedImage]
+) -> tuple[torch.Tensor, list[Geometry]]:
+    """Decoded images -> the model's input batch ``(B, 1, S, S)`` and letterbox geometries."""
+    return predictor.preprocess([im.pixels for im in images])
+
+
+def predict(
+    predictor: Predictor, batch: torch.Tensor, texts: Sequence[str | None] | None = None
+) -> KgdxOutput:
+    """One forward pass over a preprocessed batch (inference mode, AMP on CUDA)."""
+    return predictor.predict(batch, texts)
+
+
+def explain(
+    predictor: Predictor,
+    output: KgdxOutput,
+    geometries: Sequence[Geometry],
+    evidence_k: int = 5,
+) -> list[ImageExplanation]:
+    """Heat maps and ranked evidence concepts per image and finding."""
+    return predictor.explain(output, geometries, top_k=evidence_k)
+
+
+def finding_paths(
+    finder: PathFinder,
+    finding: FindingExplanation,
+    *,
+    k: int,
+    max_hops: int,
+) -> list[dict[str, Any]]:
+    """Top-``k`` ontology paths from a finding to its evidence concepts and candidate diagnoses.
+
+    The evidence's relevances make paths through the concepts the model attended to
+    cheaper, so the first paths are the ones the image supports.
+    """
+    if k <= 0 or finding.concept_id not in finder.graph.index:
+        return []
+    graph = finder.graph
+    relevance = finding.relevance_map()
+    targets = set(relevance)
+    node = graph.index[finding.concept_id]
+    wanted = {i for i, r in enumerate(graph.relations) if r in DIAGNOSIS_RELATIONS}
+    for v, r, d, _ in graph.adjacency[node]:
+        if d == 1 and r in wanted:
+            targets.add(graph.ids[v])
+    targets.discard(finding.concept_id)
+    if not targets:
+        return []
+    paths = finder.paths_to_any(
+        finding.concept_id, sorted(targets), max_hops=max_hops, k=k, relevance=relevance
+    )
+    return [p.to_dict() for p in paths]
+
+
+def respond(
+    item: BatchItemResult,
+    image: DecodedImage,
+    options: PredictOptions,
+    predictor: Predictor,
+    *,
+    result_id: str | None = None,
+    default_threshold: float | None = None,
+    decode_ms: float = 0.0,
+    queue_ms: float = 0.0,
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The response body of ``POST /v1/predict`` for one image (see service.schemas)."""
+    findings = []
+    for f in item.explanation.findings:
+        threshold = _threshold(f, options, default_threshold)
+        heat = f.heatmap.to_dict() if options.heatmap else None
+        findings.append(
+            {
+                "name": f.name,
+                "concept": {"id": f.concept_id, "label": f.label},
+                "probability": round(float(f.probability), 6),
+                "threshold": threshold,
+                "positive": bool(f.probability >= threshold),
+                "heatmap": None
+                if heat is None
+                else {
+                    k: heat[k] for k in ("rows", "cols", "values", "peak", "extent") if k in heat
+                },
+                "evidence": [
+                    {
+                        "concept": {"id": e.concept_id, "label": e.label},
+                        "relevance": e.to_dict()["relevance"],
+                    }
+                    for e in f.evidence
+                    if not e.is_self
+                ],
+                "paths": item.paths.get(f.concept_id, []),
+            }
+        )
+    info = image.dicom
+    described = predictor.describe()
+    return {
+        "id": result_id or uuid.uuid4().hex,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {"name": described["model"]["name"], "version": described["model"]["version"]},
+        "ontology": described["ontology"],
+        "image": {
+            "kind": image.kind,
+            "width": image.width,
+            "height": image.height,
+            "frames": info.frames if info else 1,
+            "modality": info.modality if info else None,
+            "view_position": info.view_position if info else None,
+        },
+        "findings": findings,
+        "notes": [*image.notes, *notes],
+        "timings": {
+            "decode_ms": round(decode_ms, 3),
+            "queue_ms": round(queue_ms, 3),
+            "inference_ms": round(item.inference_ms, 3),
+            "explain_ms": round(item.explain_ms, 3),
+            "total_ms": round(decode_ms + queue_ms + item.inference_ms + item.explain_ms, 3),
+        },
+    }
+
+
+_HEATMAP_KEYS = ("rows", "cols", "values", "peak", "extent")
+
+
+def _evidence(e: Evidence) -> dict[str, Any]:
+    return {"concept": {"id": e.concept_id, "label": e.label}, "relevance": round(e.relevance, 5)}
+
+
+def _threshold(
+    finding: FindingExplanation, options: PredictOptions, default: float | None
+) -> float:
+    if options.threshold is not None:
+        return float(options.threshold)
+    if default is not None:
+        return float(default)
+    if finding.threshold is not None:
+        return float(finding.threshold)
+    return 0.5
+
+
+# -- composition ---------------------------------------------------------------------------
+
+
+class InferencePipeline:
+    """``preprocess -> predict -> explain`` (+ paths) for one batch, on the worker thread.
+
+    Args:
+        predictor: the loaded model.
+        graph: the ontology graph the model runs over, for path search.
+    """
+
+    def __init__(self, predictor: Predictor, graph: ConceptGraph | None = None):
+        self.predictor = predictor
+        if graph is None:
+            if predictor.arrays is None:
+                raise ValueError("predictor has no ontology graph; pass graph=")
+            graph = ConceptGraph.from_arrays(predictor.arrays)
+        self.finder = PathFinder(graph)
+
+    def run_batch(self, requests: list[PredictRequest]) -> list[BatchItemResult]:
+        """Score and explain a batch; one result per request, in order."""
+        t0 = time.perf_counter()
+        batch, geometries = preprocess(self.predictor, [r.image for r in requests])
+        texts = [r.text for r in requests]
+        output = predict(self.predictor, batch, texts if any(texts) else None)
+        t1 = time.perf_counter()
+        evidence_k = max(r.options.evidence_k for r in requests)
+        explanations = explain(self.predictor, output, geometries, evidence_k)
+        results = []
+        t2 = time.perf_counter()
+        share = (t2 - t1) / len(requests)
+        for req, expl in zip(requests, explanations, strict=True):
+            t3 = time.perf_counter()
+            for f in expl.findings:
+                f.evidence = f.evidence[: req.options.evidence_k + 1]
+            paths = {
+                f.concept_id: finding_paths(
+                    self.finder, f, k=req.options.top_k_paths, max_hops=req.options.max_hops
+                )
+                for f in expl.findings
+            }
+            results.append(
+                BatchItemResult(
+                    explanation=expl,
+                    inference_ms=(t1 - t0) * 1e3,
+                    explain_ms=(share + time.perf_counter() - t3) * 1e3,
+                    paths=paths,
+                )
+            )
+        return results
+
+
+def thumbnail_png(pixels: np.ndarray, max_side: int = 512) -> bytes:
+    """A small 8-bit PNG of the decoded image, kept for the overlay endpoint."""
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    image.thumbnail((max_side, max_side))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

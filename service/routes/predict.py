@@ -1,0 +1,90 @@
+"""``POST /v1/predict``: one image (PNG, JPEG or DICOM) in, findings with explanations out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.decode import DecodeLimits
+from service.deps import PredictKey, ReadyState
+from service.errors import PayloadTooLargeError, UnprocessableImageError
+from service.logs import hash_uid
+from service.pipeline import PredictOptions, PredictRequest, decode, respond, thumbnail_png
+from service.schemas import ErrorResponse, PredictResponse
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 503, 504)
+}
+
+
+@router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
+async def predict(
+    request: Request,
+    state: ReadyState,
+    _key: PredictKey,
+    file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM image")],
+    text: Annotated[str | None, Form(max_length=4000, description="Clinical indication")] = None,
+    threshold: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
+    top_k_paths: Annotated[int | None, Form(ge=0, le=20)] = None,
+    heatmap: Annotated[bool, Form()] = True,
+) -> dict[str, object]:
+    """Score an image: findings, probabilities, heat maps, evidence and ontology paths."""
+    settings = state.settings
+    assert state.batcher is not None and state.predictor is not None
+    t0 = time.perf_counter()
+    data = await file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLargeError(f"upload is larger than {settings.max_upload_bytes} bytes")
+    limits = DecodeLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_pixels,
+        min_side=settings.min_image_side,
+    )
+    loop = asyncio.get_running_loop()
+    decoded = await loop.run_in_executor(
+        state.decode_pool, decode, data, file.content_type, file.filename, limits
+    )
+    decode_ms = (time.perf_counter() - t0) * 1e3
+    if decoded.dicom is not None:
+        request.state.study_uid_hash = hash_uid(decoded.dicom.study_uid)
+        request.state.instance_uid_hash = hash_uid(decoded.dicom.sop_instance_uid)
+    options = PredictOptions(
+        threshold=threshold,
+        top_k_paths=settings.top_k_paths if top_k_paths is None else top_k_paths,
+        heatmap=heatmap,
+        evidence_k=settings.evidence_k,
+        max_hops=settings.max_path_hops,
+    )
+    if text is not None and not text.strip():
+        text = None
+    result, timing = await state.batcher.submit_timed(PredictRequest(decoded, text, options))
+    payload = respond(
+        result,
+        decoded,
+        options,
+        state.predictor,
+        default_threshold=settings.threshold,
+        decode_ms=decode_ms,
+        queue_ms=timing.queue_ms,
+    )
+    if not payload["findings"]:
+        raise UnprocessableImageError("the model returned no findings")
+    thumb = await loop.run_in_executor(state.decode_pool, thumbnail_png, decoded.pixels)
+    assert state.results is not None
+    await run_in_threadpool(
+        state.results.put,
+        payload,
+        result_id=str(payload["id"]),
+        study_uid=decoded.dicom.study_uid if decoded.dicom else None,
+        image_png=thumb,
+        model_version=str(state.predictor.model_version),
+        ontology_version=str(state.predictor.ontology_version),
+    )
+    request.state.result_id = payload["id"]
+    return payload
