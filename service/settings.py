@@ -10,8 +10,9 @@ import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -57,6 +58,19 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
     drain_timeout_s: float = Field(30.0, ge=0)  # graceful shutdown budget
+    # -- study jobs: DICOMweb ingest -> selection -> inference -> SR -> push (service.jobs)
+    stable_seconds: float = Field(5.0, ge=0.0, le=86400.0)  # study quiet this long -> a job
+    worker_poll_s: float = Field(1.0, gt=0.0, le=60.0)  # how often the study worker looks
+    job_max_attempts: int = Field(5, ge=1, le=100)  # processing tries before a job fails
+    job_backoff_s: float = Field(2.0, ge=0.0, le=3600.0)  # first retry delay, doubled per try
+    job_backoff_max_s: float = Field(300.0, ge=0.0, le=86400.0)  # longest retry delay
+    job_lease_s: float = Field(60.0, ge=0.5, le=3600.0)  # a silent worker's job is taken back
+    sr_destination_url: str | None = None  # DICOMweb root the SR is pushed to (STOW-RS)
+    sr_destination_user: str | None = None  # basic authentication at the destination
+    sr_destination_password: SecretStr | None = None
+    sr_destination_token: SecretStr | None = None  # bearer token instead of user/password
+    sr_push_max_attempts: int = Field(50, ge=1, le=10_000)  # SR pushes before a job fails
+    sr_push_timeout_s: float = Field(30.0, gt=0.0, le=600.0)  # one STOW-RS request
 
     @field_validator("log_level")
     @classmethod
@@ -72,6 +86,38 @@ class Settings(BaseSettings):
         if "*" in value:
             raise ValueError("cors_origins may not contain '*': list the origins you trust")
         return value
+
+    @field_validator("sr_destination_url")
+    @classmethod
+    def _destination_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "sr_destination_url must be an http(s) DICOMweb root such as "
+                f"http://pacs:8042/dicom-web, got scheme {parts.scheme or 'none'!r}"
+            )
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError(
+                "sr_destination_url must not carry credentials, a query or a fragment; use "
+                "sr_destination_user / sr_destination_password or sr_destination_token"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_destination_auth(self) -> Settings:
+        if self.sr_destination_token is not None and (
+            self.sr_destination_user is not None or self.sr_destination_password is not None
+        ):
+            raise ValueError(
+                "give sr_destination_user / sr_destination_password or sr_destination_token, "
+                "not both"
+            )
+        if self.sr_destination_password is not None and self.sr_destination_user is None:
+            raise ValueError("sr_destination_password needs sr_destination_user")
+        return self
 
     @model_validator(mode="after")
     def _auth_only_off_on_loopback(self) -> Settings:
