@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from kg.cli import app as ontology_app
+from models.cli import evaluate, train
 from service.apikey_cli import app as apikey_app
 from service.commands import predict, serve
 
@@ -19,6 +20,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(ontology_app, name="ontology")
+app.command("train")(train)
+app.command("evaluate")(evaluate)
 app.add_typer(apikey_app, name="apikey")
 app.command("serve")(serve)
 app.command("predict")(predict)

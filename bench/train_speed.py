@@ -1,0 +1,138 @@
+"""Training throughput: the KG model versus the same image backbone alone.
+
+Both arms take full training steps (forward, masked BCE, backward, AdamW step) on the same
+random batches, at the same backbone, image size and batch size; the steps are interleaved
+(KG, bare, KG, bare, ...) so a machine shared with other work slows both alike. The KG model
+is the one ``models/configs/default.toml`` describes (its ``[model]`` section), over the
+bundled chest graph with random concept features (the text encoder only runs once, offline,
+so it does not enter a step's cost). The bare arm is :class:`~models.image_encoder.
+ImageEncoder` (backbone + 1x1 projection) + mean pool + one linear layer.
+
+Prints images/s of each arm and their ratio; exits 1 when the KG model reaches less than
+0.8x the bare backbone's throughput (the issue's target: entity embeddings once per step).
+
+    python bench/train_speed.py [--backbone densenet121] [--image-size 128] [--batch-size 32]
+                                [--steps 20] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kg.tensors import to_arrays  # noqa: E402
+from models.builder import build_model, load_graph, map_targets, model_config  # noqa: E402
+from models.data import NIH_FINDINGS  # noqa: E402
+from models.image_encoder import ImageEncoder, ImageEncoderConfig  # noqa: E402
+from models.losses import masked_bce  # noqa: E402
+from models.train_config import load_training_config  # noqa: E402
+
+TARGET_RATIO = 0.8
+DEFAULT_CONFIG = ROOT / "models" / "configs" / "default.toml"
+
+
+class BareClassifier(nn.Module):
+    """The image encoder alone with a linear head: what the KG model is measured against."""
+
+    def __init__(self, config: ImageEncoderConfig, num_findings: int):
+        super().__init__()
+        self.encoder = ImageEncoder(config)
+        self.head = nn.Linear(config.out_dim, num_findings)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(images).tokens  # (B, P, D)
+        return self.head(tokens.mean(1))  # (B, K)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="model settings")
+    parser.add_argument("--backbone", default=None, help="override model.image.backbone")
+    parser.add_argument("--image-size", type=int, default=None, help="override the input size")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per arm")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per arm")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    overrides = []
+    if args.backbone:
+        overrides.append(f'model.image.backbone="{args.backbone}"')
+    if args.image_size:
+        overrides.append(f"model.image.image_size={args.image_size}")
+    cfg = load_training_config(args.config, overrides, check_files=False)
+    torch.manual_seed(0)
+    ontology = load_graph(cfg.ontology.spec)
+    targets = list(map_targets(ontology, NIH_FINDINGS, cfg.ontology.label_map).values())
+    arrays = to_arrays(ontology)
+    features = torch.nn.functional.normalize(torch.randn(arrays.num_nodes, 384), dim=-1)
+    kg_config = model_config(cfg.model, targets, 384, use_kg=True)
+    kg = build_model(kg_config, arrays, features).to(device).train()
+    bare = BareClassifier(kg_config.image, len(targets)).to(device).train()
+    size = kg_config.image.image_size
+    b, k = args.batch_size, len(targets)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 1, size, size, generator=g).to(device)
+    y = (torch.rand(b, k, generator=g) < 0.2).float().to(device)
+    m = torch.ones(b, k, device=device)
+    opt_kg = torch.optim.AdamW(kg.parameters(), lr=1e-4)
+    opt_bare = torch.optim.AdamW(bare.parameters(), lr=1e-4)
+
+    def step_kg() -> None:
+        opt_kg.zero_grad(set_to_none=True)
+        masked_bce(kg(x).logits, y, m).backward()  # one GNN pass for the whole batch
+        opt_kg.step()
+
+    def step_bare() -> None:
+        opt_bare.zero_grad(set_to_none=True)
+        masked_bce(bare(x), y, m).backward()
+        opt_bare.step()
+
+    times: dict[str, list[float]] = {"kg": [], "bare": []}
+    for i in range(args.warmup + args.steps):
+        for name, step in (("kg", step_kg), ("bare", step_bare)):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    kg_ips = b / statistics.median(times["kg"])
+    bare_ips = b / statistics.median(times["bare"])
+    ratio = kg_ips / bare_ips
+    n_kg = sum(p.numel() for p in kg.parameters())
+    n_bare = sum(p.numel() for p in bare.parameters())
+    print(
+        f"device {device}, backbone {kg_config.image.backbone}, {size} px, batch {b}, "
+        f"{args.steps} timed steps per arm (median)"
+    )
+    print(f"KG model      {kg_ips:8.1f} images/s  ({n_kg / 1e6:.2f} M parameters)")
+    print(f"backbone only {bare_ips:8.1f} images/s  ({n_bare / 1e6:.2f} M parameters)")
+    verdict = "ok" if ratio >= TARGET_RATIO else "MISS"
+    print(f"ratio {ratio:.3f} (target >= {TARGET_RATIO}): {verdict}")
+    return 0 if ratio >= TARGET_RATIO else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
