@@ -35,7 +35,7 @@ from service.middleware import RequestContextMiddleware
 from service.pipeline import InferencePipeline
 from service.rate_limit import RateLimiter
 from service.results import ResultStore
-from service.routes import health, ontology, predict, results
+from service.routes import health, ontology, predict, reports, results
 from service.settings import Settings, get_settings
 from service.state import AppState
 
@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     app.add_middleware(RequestContextMiddleware, state=state)
-    for module in (health, predict, results, ontology):
+    for module in (health, predict, results, reports, ontology):
         app.include_router(module.router)
     return app
 
