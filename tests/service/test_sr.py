@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any, cast
 
 import highdicom as hd
@@ -408,3 +411,19 @@ def _has_image_library(sr: Dataset) -> bool:
         item.ConceptNameCodeSequence[0].CodeValue == "111028"  # Image Library
         for item in sr.ContentSequence
     )
+
+
+@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="DCMTK's dsrdump is not installed")
+@pytest.mark.parametrize("with_source", [True, False])
+def test_dcmtk_reads_the_sr(tmp_path: Path, with_source: bool) -> None:
+    """An independent SR reader (DCMTK) parses the document without errors."""
+    source = SOURCES["dx-described"]() if with_source else None
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(sr_bytes(build_sr(make_payload(), source=source, concept_codes=coder)))
+    done = subprocess.run(
+        ["dsrdump", "-v", str(path)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert not [line for line in done.stderr.splitlines() if line.startswith(("E:", "F:"))]
+    assert '"Ontology explanation path"' in done.stdout
+    assert "(95436008,SCT," in done.stdout
