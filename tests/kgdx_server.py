@@ -45,6 +45,18 @@ START_TIMEOUT_S = 180.0
 _SCRUBBED = ("KGDX_DB_URL", "KGDX_ONTOLOGY", "KGDX_CHECKPOINT", "KGDX_NO_AUTH", "KGDX_PORT")
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for test servers: SIGKILL the child if the test process dies (Linux),
+    so no Orthanc or kgdx outlives a crashed or killed pytest."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class KgdxServerError(RuntimeError):
     """The server did not start or answer; the message carries the tail of its log."""
 
@@ -220,6 +232,7 @@ class KgdxServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         self._wait_ready(timeout)
         return self

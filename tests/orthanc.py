@@ -57,7 +57,7 @@ from typing import Any
 
 import httpx
 
-from tests.kgdx_server import free_port
+from tests.kgdx_server import die_with_parent, free_port
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "integration" / "orthanc"
@@ -379,6 +379,7 @@ def orthanc_server(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         _wait_ready(server)
         yield server
