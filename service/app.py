@@ -29,13 +29,14 @@ from service.audit import AuditLog
 from service.batcher import DynamicBatcher
 from service.db import ServiceDatabase
 from service.error_handlers import install_error_handlers
+from service.instances import InstanceStore
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.pipeline import InferencePipeline
 from service.rate_limit import RateLimiter
 from service.results import ResultStore
-from service.routes import health, ontology, predict, reports, results
+from service.routes import dicomweb, health, ontology, predict, reports, results
 from service.settings import Settings, get_settings
 from service.state import AppState
 
@@ -80,6 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.db = ServiceDatabase(settings.db_url)
     state.db.create_all()
     state.results = ResultStore(state.db)
+    state.instances = InstanceStore.default(state.db)
     state.audit = AuditLog(state.db)
     state.apikeys = ApiKeyStore(state.db)
     state.store = GraphStore(settings.db_url)
@@ -144,7 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     app.add_middleware(RequestContextMiddleware, state=state)
-    for module in (health, predict, results, reports, ontology):
+    for module in (health, predict, results, reports, ontology, dicomweb):
         app.include_router(module.router)
     return app
 

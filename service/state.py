@@ -12,6 +12,7 @@ from service.apikeys import ApiKeyStore
 from service.audit import AuditLog
 from service.batcher import DynamicBatcher
 from service.db import ServiceDatabase
+from service.instances import InstanceStore
 from service.metrics import Metrics
 from service.pipeline import BatchItemResult, InferencePipeline, PredictRequest
 from service.rate_limit import RateLimiter
@@ -28,6 +29,7 @@ class AppState:
     db: ServiceDatabase | None = None
     store: GraphStore | None = None
     results: ResultStore | None = None
+    instances: InstanceStore | None = None
     audit: AuditLog | None = None
     apikeys: ApiKeyStore | None = None
     predictor: Predictor | None = None

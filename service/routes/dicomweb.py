@@ -1,0 +1,161 @@
+"""DICOMweb: ``POST /dicomweb/studies[/{study}]`` (STOW-RS) and ``GET /dicomweb/studies`` (QIDO-RS).
+
+Both take an API key with the ``ingest`` scope (``admin`` grants it too): the PACS that
+pushes studies is the one that lists them, and a ``predict``-only key can neither store nor
+enumerate StudyInstanceUIDs. Neither needs the model: instances are accepted while it loads.
+
+STOW-RS answers a DICOM JSON Store Instances Response (200 / 202 / 409) or the service's
+JSON error body (400 / 413 / 415); see :mod:`service.stow` for the codes.
+
+QIDO-RS is the minimum that lets a client such as ``dicomweb_client`` list what kgdx holds:
+one object per study with StudyInstanceUID (0020,000D), ModalitiesInStudy (0008,0061) and
+NumberOfStudyRelatedInstances (0020,1208); matching on StudyInstanceUID (a UID list,
+comma-separated) and ModalitiesInStudy, by keyword or by tag (``0020000D``); ``limit``
+(default 100, at most 1000) and ``offset``. ``includefield`` and ``fuzzymatching`` are
+accepted and ignored; other matching keys are ignored with a ``Warning: 299`` header, as
+PS3.18 §8.3.4 asks. No match is a 204.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydicom.dataset import Dataset
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from service.deps import IngestKey, State
+from service.errors import BadRequestError, NotReadyError, PayloadTooLargeError
+from service.instances import InstanceStore, StudySummary
+from service.logs import hash_uid
+from service.schemas import ErrorResponse
+from service.stow import DICOM_JSON, limits_from_settings, stow
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+
+#: Most studies one QIDO-RS answer lists.
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+
+_DICOM_JSON_CONTENT: dict[str, Any] = {"content": {DICOM_JSON: {}}}
+_STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {**_DICOM_JSON_CONTENT, "description": "All instances stored"},
+    202: {**_DICOM_JSON_CONTENT, "description": "Some stored; failures or warnings"},
+    409: {**_DICOM_JSON_CONTENT, "description": "No instance stored"},
+    **{code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 429, 503)},
+}
+_QIDO_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {**_DICOM_JSON_CONTENT, "description": "Matching studies"},
+    204: {"description": "No matching study"},
+    **{code: {"model": ErrorResponse} for code in (400, 401, 403, 429)},
+}
+
+_STUDY_UID_KEYS = ("StudyInstanceUID", "0020000D")
+_MODALITY_KEYS = ("ModalitiesInStudy", "00080061")
+_IGNORED_KEYS = {"includefield", "fuzzymatching", "limit", "offset"}
+
+
+def _instances(state: State) -> InstanceStore:
+    if state.instances is None:
+        raise NotReadyError("the instance store is not open yet")
+    return state.instances
+
+
+async def _store(request: Request, state: State, study_uid: str | None) -> Response:
+    store = _instances(state)
+    if study_uid is not None:
+        request.state.study_uid_hash = hash_uid(study_uid)
+    limits = limits_from_settings(state.settings)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        raise PayloadTooLargeError(f"the request body is larger than {limits.max_bytes} bytes")
+    try:
+        result = await stow(
+            request.stream(),
+            request.headers.get("content-type"),
+            store,
+            study_uid=study_uid,
+            limits=limits,
+        )
+    except ClientDisconnect:
+        raise BadRequestError("the client went away before the body was complete") from None
+    request.state.study_uid_hash = hash_uid(result.study_uid)
+    first = next((r.sop_instance_uid for r in result.instances if r.sop_instance_uid), None)
+    request.state.instance_uid_hash = hash_uid(first)
+    studies_url = str(request.url_for("store_instances"))
+    return JSONResponse(
+        result.to_json(studies_url), status_code=result.status, media_type=DICOM_JSON
+    )
+
+
+@router.post("/studies", response_class=Response, responses=_STOW_RESPONSES)
+async def store_instances(request: Request, state: State, _key: IngestKey) -> Response:
+    """Store the DICOM instances of a ``multipart/related; type="application/dicom"`` body."""
+    return await _store(request, state, None)
+
+
+@router.post("/studies/{study_uid}", response_class=Response, responses=_STOW_RESPONSES)
+async def store_study_instances(
+    study_uid: str, request: Request, state: State, _key: IngestKey
+) -> Response:
+    """Store instances that must all belong to this study (others fail with 0xA901)."""
+    return await _store(request, state, study_uid)
+
+
+@router.get("/studies", response_class=Response, responses=_QIDO_RESPONSES)
+async def search_for_studies(request: Request, state: State, _key: IngestKey) -> Response:
+    """The studies kgdx holds, as QIDO-RS study results."""
+    store = _instances(state)
+    params = request.query_params
+    limit = _int_param(params.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset = _int_param(params.get("offset"), "offset", 0, 0, None)
+    study_uids = _list_param(params, _STUDY_UID_KEYS)
+    modalities = _list_param(params, _MODALITY_KEYS)
+    known = {*_STUDY_UID_KEYS, *_MODALITY_KEYS}
+    unsupported = sorted(
+        {k for k in params if k not in known and k.lower() not in _IGNORED_KEYS}
+    )
+    if study_uids:
+        request.state.study_uid_hash = hash_uid(study_uids[0])
+    found = await run_in_threadpool(
+        store.studies, study_uids=study_uids, modalities=modalities, limit=limit, offset=offset
+    )
+    headers = {}
+    if unsupported:
+        names = ", ".join(k[:64] for k in unsupported[:10])
+        headers["Warning"] = f'299 kgdx "matching on {names} is not supported and was ignored"'
+    if not found:
+        return Response(status_code=204, headers=headers)
+    return JSONResponse(
+        [_study_json(s) for s in found], media_type=DICOM_JSON, headers=headers
+    )
+
+
+def _study_json(summary: StudySummary) -> dict[str, Any]:
+    ds = Dataset()
+    ds.StudyInstanceUID = summary.study_uid
+    ds.ModalitiesInStudy = list(summary.modalities)
+    ds.NumberOfStudyRelatedInstances = summary.instances
+    return ds.to_json_dict()
+
+
+def _int_param(value: str | None, name: str, default: int, low: int, high: int | None) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadRequestError(f"{name} must be an integer, got {value[:40]!r}") from None
+    if number < low:
+        raise BadRequestError(f"{name} must be at least {low}, got {number}")
+    return number if high is None else min(number, high)
+
+
+def _list_param(params: Any, keys: tuple[str, ...]) -> list[str] | None:
+    values: list[str] = []
+    for key in keys:
+        for raw in params.getlist(key):
+            values += [v.strip() for v in raw.replace("\\", ",").split(",") if v.strip()]
+    return values or None
