@@ -11,9 +11,11 @@ QIDO-RS is the minimum that lets a client such as ``dicomweb_client`` list what 
 one object per study with StudyInstanceUID (0020,000D), ModalitiesInStudy (0008,0061) and
 NumberOfStudyRelatedInstances (0020,1208); matching on StudyInstanceUID (a UID list,
 comma-separated) and ModalitiesInStudy, by keyword or by tag (``0020000D``); ``limit``
-(default 100, at most 1000) and ``offset``. ``includefield`` and ``fuzzymatching`` are
-accepted and ignored; other matching keys are ignored with a ``Warning: 299`` header, as
-PS3.18 §8.3.4 asks. No match is a 204.
+(default 100, larger values are clamped to 1000) and ``offset``. ``includefield`` and
+``fuzzymatching`` are accepted and ignored; other matching keys (PatientID, ...) cannot be
+matched, as kgdx keeps no patient attributes, so they are ignored and named in a
+``Warning: 299`` header to tell the client its filter was not applied. No match is a 204
+(PS3.18 search transaction status codes).
 """
 
 from __future__ import annotations
@@ -114,9 +116,7 @@ async def search_for_studies(request: Request, state: State, _key: IngestKey) ->
     study_uids = _list_param(params, _STUDY_UID_KEYS)
     modalities = _list_param(params, _MODALITY_KEYS)
     known = {*_STUDY_UID_KEYS, *_MODALITY_KEYS}
-    unsupported = sorted(
-        {k for k in params if k not in known and k.lower() not in _IGNORED_KEYS}
-    )
+    unsupported = sorted({k for k in params if k not in known and k.lower() not in _IGNORED_KEYS})
     if study_uids:
         request.state.study_uid_hash = hash_uid(study_uids[0])
     found = await run_in_threadpool(
@@ -128,9 +128,7 @@ async def search_for_studies(request: Request, state: State, _key: IngestKey) ->
         headers["Warning"] = f'299 kgdx "matching on {names} is not supported and was ignored"'
     if not found:
         return Response(status_code=204, headers=headers)
-    return JSONResponse(
-        [_study_json(s) for s in found], media_type=DICOM_JSON, headers=headers
-    )
+    return JSONResponse([_study_json(s) for s in found], media_type=DICOM_JSON, headers=headers)
 
 
 def _study_json(summary: StudySummary) -> dict[str, Any]:
