@@ -153,6 +153,7 @@ class TrainConfig:
     contrastive_temperature: float = 0.07  # softmax temperature of the contrastive loss
     max_minutes: float | None = None  # wall-clock budget; stops after the step that passes it
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    threads: int | None = None  # CPU threads of torch (None: its default, one per core)
     bootstrap: int = 1000  # resamples for the CIs of the best epoch's val metrics
     save_dtype: str = "float32"  # checkpoint weights: "float32" | "float16" (half the size)
     out: str | None = None  # output folder (the CLI's --out wins; default runs/<config stem>)
@@ -189,6 +190,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.patience must be >= 1 (leave it out: never stop early), got {self.patience}"
             )
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"train.threads must be >= 1, got {self.threads}")
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if self.contrastive_weight < 0:

@@ -91,7 +91,13 @@ LOG_FILE = "train_log.jsonl"
 STATE_FORMAT = "kgdx-train-state"
 STATE_VERSION = 1
 #: Config keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("train.max_minutes", "train.num_workers", "train.device", "train.out")
+RESUMABLE_CHANGES = (
+    "train.max_minutes",
+    "train.num_workers",
+    "train.device",
+    "train.out",
+    "train.threads",
+)
 #: Parameters that act as embeddings: no weight decay, whatever their shape.
 _NO_DECAY_NAMES = ("modality", "query_bias", "label_embeddings", "relation_embedding")
 
@@ -294,6 +300,10 @@ def prepare(
     _check_out(out, resume)
     tc = config.train
     device = resolve_device(tc.device)
+    if tc.threads is not None:
+        # on a CPU shared with other work, fewer threads than cores avoids OpenMP threads
+        # waiting on each other for a busy core (several times faster there)
+        torch.set_num_threads(tc.threads)
     preprocess = config.preprocess_config()
     ontology = load_graph(config.ontology.spec)
     name, version = ontology_identity(ontology)

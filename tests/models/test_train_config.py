@@ -135,6 +135,8 @@ def test_overrides(setup: dict[str, Path]) -> None:
         ("[train]\ndevice = 'tpu'\n", r"train\.device must be one of"),
         ("[train]\nwarmup_steps = 3\nwarmup_fraction = 0.1\n", "not both"),
         ("[train]\npatience = 0\n", r"train\.patience must be >= 1"),
+        ("[train]\nthreads = 0\n", r"train\.threads must be >= 1"),
+        ("[train]\nsave_dtype = 'int8'\n", r"train\.save_dtype must be one of"),
         ("[model]\ntargets = ['X:1']\n", r"model\.targets is filled from data\.label_names"),
         ("[model]\ndim = 30\n", r"\[model\]: dim=30 must be divisible by fusion\.heads=8"),
         ("[model.image]\nbackbone = 'vgg'\n", r"image\.backbone must be one of"),

@@ -9,8 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from pydicom.data import get_testdata_file
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -348,6 +350,54 @@ def test_patient_wise_val_fraction_and_label_fraction(tmp_path: Path) -> None:
     assert 6 <= n_val <= 12 and n_train < 30 - n_val  # half of the training patients kept
     assert any("patient-wise split of all rows" in n for n in data["notes"])
     assert data["train"]["patients"] + data["val"]["patients"] <= 10
+
+
+def test_npz_and_dicom_datasets(setup: dict[str, Path], tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (20, 28, 28), dtype=np.uint8)
+    labels = (rng.random((20, 1)) < 0.5).astype(np.uint8)
+    images[labels[:, 0] == 1, 8:20, 8:20] = 255
+    npz = tmp_path / "mnist.npz"
+    np.savez(
+        npz,
+        train_images=images[:14],
+        train_labels=labels[:14],
+        val_images=images[14:],
+        val_labels=labels[14:],
+    )
+    result = run(
+        setup,
+        tmp_path / "npz",
+        "train.epochs=1",
+        'data.kind="npz"',
+        f"data.npz={json.dumps(str(npz))}",
+        'data.label_names=["Pneumonia"]',
+    )
+    info = read_checkpoint_info(result.out_dir)
+    assert info["labels"] == {"Pneumonia": "X:pneumonia"}
+    assert info["data"]["train"]["n"] == 14 and info["data"]["val"]["n"] == 6
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    rows = []
+    for i, name in enumerate(["CT_small.dcm", "MR_small.dcm"] * 5):
+        shutil.copy(get_testdata_file(name), folder / f"{i}.dcm")
+        rows.append(
+            {"image": f"{i}.dcm", "Effusion": str(i % 2), "split": "val" if i >= 6 else "train"}
+        )
+    write_csv(tmp_path / "dicom.csv", rows)
+    result = run(
+        setup,
+        tmp_path / "dcm",
+        "train.epochs=1",
+        'data.kind="dicom"',
+        f"data.labels={json.dumps(str(tmp_path / 'dicom.csv'))}",
+        f"data.images={json.dumps(str(folder))}",
+        'data.label_names=["Effusion"]',
+    )
+    data = read_checkpoint_info(result.out_dir)["data"]
+    assert data["train"]["n"] == 6 and data["val"]["n"] == 4
+    assert data["train"]["patients"] == 2  # PatientID read from the DICOM headers
 
 
 def test_contrastive_loss_with_reports(tmp_path: Path) -> None:
