@@ -745,7 +745,7 @@ class _Loop:
         return {
             "epoch": self.epoch,
             "step": self.step,
-            **{k: float(v) for k, v in train.items()},
+            **{k: (int(v) if k == "train_images" else float(v)) for k, v in train.items()},
             "val_loss": val["loss"],
             "val_macro_auroc": macro.value,
             "val_auroc": {n: r.auroc for n, r in per.items()},
