@@ -49,10 +49,10 @@ def test_shipped_configs_parse(name: str) -> None:
     assert json.dumps(cfg.to_dict())  # what a checkpoint stores
 
 
-def test_default_recipe_trains_on_train_split_into_the_bundled_folder() -> None:
+def test_default_recipe_trains_on_the_train_rows_into_the_bundled_folder() -> None:
     cfg = load_training_config(CONFIGS / "default.toml", check_files=False)
-    assert cfg.data.train_split == "train" and cfg.data.val_split == "val"
-    assert cfg.data.val_fraction is None and cfg.data.label_fraction == 1.0
+    assert cfg.data.train_split == "train" and cfg.data.label_fraction == 1.0
+    assert not cfg.data.exclude_findings
     assert Path(cfg.train.out or "") == CONFIGS.parent / "data" / "default"
     assert Path(cfg.data.labels or "") == (SHARED_CXR / "labels.csv").resolve()
 
