@@ -36,9 +36,10 @@ from service.middleware import RequestContextMiddleware
 from service.pipeline import InferencePipeline
 from service.rate_limit import RateLimiter
 from service.results import ResultStore
-from service.routes import dicomweb, health, ontology, predict, reports, results
+from service.routes import dicomweb, health, ontology, predict, reports, results, studies
 from service.settings import Settings, get_settings
 from service.state import AppState
+from service.study_worker import StudyWorker, job_queue_for
 
 log = logging.getLogger("kgdx.app")
 
@@ -114,11 +115,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             state.predictor and state.predictor.model_version,
             state.ontology_ref,
         )
+    # Study jobs (DICOMweb ingest): the worker turns quiet studies into jobs and runs them
+    # through the batcher above; it needs the model, and stops before the batcher drains.
+    state.jobs = job_queue_for(state)
+    if state.batcher is not None:
+        state.worker = StudyWorker(state)
+        await state.worker.start()
     try:
         yield
     finally:
         state.draining = True
         state.ready = False
+        if state.worker is not None:  # finish or hand back the current job
+            await state.worker.stop(timeout_s=settings.drain_timeout_s)
         if state.batcher is not None:
             await state.batcher.stop(drain=True, timeout_s=settings.drain_timeout_s)
         state.decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -146,7 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     app.add_middleware(RequestContextMiddleware, state=state)
-    for module in (health, predict, results, reports, ontology, dicomweb):
+    for module in (health, predict, results, reports, ontology, studies, dicomweb):
         app.include_router(module.router)
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kg.graph import ConceptGraph
 from kg.store import GraphStore
@@ -18,6 +19,10 @@ from service.pipeline import BatchItemResult, InferencePipeline, PredictRequest
 from service.rate_limit import RateLimiter
 from service.results import ResultStore
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.jobs import JobQueue
+    from service.study_worker import StudyWorker
 
 
 @dataclass
@@ -42,4 +47,6 @@ class AppState:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
+    jobs: JobQueue | None = None  # durable study jobs (service.jobs)
+    worker: StudyWorker | None = None  # runs them in the background (service.study_worker)
     extras: dict[str, object] = field(default_factory=dict)

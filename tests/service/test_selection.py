@@ -108,9 +108,7 @@ def test_dr_modality_is_read_as_dx_with_a_note() -> None:
 
 
 def test_explicit_frontal_views_win_over_unrecorded_ones() -> None:
-    chosen = select_instances(
-        [Inst("none", view_position=None), Inst("pa", view_position="PA")]
-    )
+    chosen = select_instances([Inst("none", view_position=None), Inst("pa", view_position="PA")])
     assert [i.sop_instance_uid for i in chosen.selected] == ["pa"]
     assert [(i.sop_instance_uid, r) for i, r in chosen.skipped] == [
         ("none", "view position not recorded; the study has an explicit PA or AP view")

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import uvicorn
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -35,8 +36,8 @@ SOP = "1.2.826.0.1.3680043.10.1336.77"
 
 def sr_like(sop: str = SOP) -> bytes:
     ds = dicom_dataset(rows=16, columns=16)
-    ds.SOPInstanceUID = sop
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.SOPInstanceUID = UID(sop)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
     return write_dicom(ds)
 
 
@@ -140,7 +141,7 @@ def test_a_dataset_is_written_as_part10() -> None:
         ({"token": "tok-123"}, "Bearer tok-123"),
     ],
 )
-def test_authentication(kwargs: dict[str, str], expected: str) -> None:
+def test_authentication(kwargs: dict[str, Any], expected: str) -> None:
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -230,7 +231,7 @@ def test_a_dicom_json_list_answer_is_read() -> None:
         (ROOT, {"user": "u", "token": "t"}, "not both"),
     ],
 )
-def test_bad_arguments(url: str, kwargs: dict[str, str], message: str) -> None:
+def test_bad_arguments(url: str, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         push_sr(sr_like(), url, **kwargs)
 
