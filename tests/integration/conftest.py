@@ -9,8 +9,8 @@
   and an ``ingest`` API key, made once; ``kgdx_home`` copies it for one test.
 - ``pacs``: a :class:`Pacs` with Orthanc forwarding to a kgdx server and kgdx pushing its SR
   back to Orthanc, both started, both always stopped.
-- :func:`real_radiograph`: a DX radiograph (DICOM Part 10 bytes) from a real chest X-ray of
-  ``../shared/data/cxr``.
+- :func:`real_radiograph`: a DX radiograph (DICOM Part 10 bytes) from a real NIH chest X-ray
+  of ``../shared/data/cxr`` (or, in a clone without it, of ``tests/data/samples``).
 """
 
 from __future__ import annotations
@@ -36,9 +36,16 @@ from tests.kgdx_server import (
 )
 from tests.orthanc import OrthancServer, OrthancUnavailable, missing_reason, orthanc_server
 
-#: Real chest radiographs (read-only), and the one the tests use: a 256x256 NIH PA view.
-CXR_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cxr" / "images"
-CXR_IMAGE = "nih_00029548_012.png"
+#: Real chest radiographs: the project's data set (``../shared/data/cxr``, read-only) when it is
+#: there, else the NIH samples committed under ``tests/data/samples`` (a clean clone in CI).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CXR_DIR = REPO_ROOT.parent / "shared" / "data" / "cxr" / "images"
+SAMPLES_DIR = REPO_ROOT / "tests" / "data" / "samples"
+#: Two 256x256 NIH PA views each: (data set file, committed sample) in order of preference.
+CXR_IMAGES = {
+    "first": ("nih_00029548_012.png", "nih_00028490_000.png"),
+    "second": ("nih_00029548_013.png", "nih_00020751_003.png"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,15 +66,17 @@ def orthanc_available() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def cxr_path(name: str = CXR_IMAGE) -> Path:
-    path = CXR_DIR / name
-    if not path.is_file():
-        pytest.skip(f"the real chest X-ray {path} is not there (../shared/data/cxr)")
-    return path
+def cxr_path(which: str = "first") -> Path:
+    """A real NIH chest X-ray (PNG): from ``../shared/data/cxr`` or the committed samples."""
+    shared, sample = CXR_IMAGES[which]
+    for path in (CXR_DIR / shared, SAMPLES_DIR / sample):
+        if path.is_file():
+            return path
+    pytest.skip(f"no real chest X-ray: neither {CXR_DIR / shared} nor {SAMPLES_DIR / sample}")
 
 
 def real_radiograph(
-    name: str = CXR_IMAGE,
+    which: str = "first",
     *,
     study_uid: str | None = None,
     accession: str = "ACC-E2E-0001",
@@ -75,13 +84,13 @@ def real_radiograph(
     patient_name: str = "Test^Orthanc^E2E",
 ) -> tuple[bytes, Any]:
     """A DX radiograph (Digital X-Ray Image Storage - For Presentation, PA, MONOCHROME2,
-    8 bits) of the real chest X-ray ``name``, with patient and study tags; the Part 10
-    bytes and the pydicom dataset."""
+    8 bits) of a real chest X-ray (:func:`cxr_path`), with patient and study tags; the
+    Part 10 bytes and the pydicom dataset."""
     from pydicom.uid import generate_uid
 
     from tests.service.images import dicom_dataset, write_dicom
 
-    pixels = np.asarray(Image.open(cxr_path(name)).convert("L"), dtype=np.uint8)
+    pixels = np.asarray(Image.open(cxr_path(which)).convert("L"), dtype=np.uint8)
     ds = dicom_dataset(
         pixels,
         modality="DX",

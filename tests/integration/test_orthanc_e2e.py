@@ -119,7 +119,7 @@ class TestHarness:
         study_id = orthanc.upload(first)["ParentStudy"]
         wait_for(lambda: orthanc.forwards(study_id), 30, what="the first forward")
         second, _ = real_radiograph(
-            "nih_00029548_013.png",
+            "second",
             study_uid=ds.StudyInstanceUID,
             patient_id=ds.PatientID,
             patient_name=str(ds.PatientName),
