@@ -29,7 +29,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -98,8 +98,10 @@ class DynamicBatcher(Generic[T, R]):
         fn: ``items -> results``, one result per item in the same order; runs on the worker
             thread, never on the event loop. An exception fails that batch's requests.
         max_batch_size: most items per call of ``fn`` (default 16).
-        max_wait_ms: how long the worker waits for more items after taking the first
-            (default 5 ms); 0 takes only what is already queued.
+        max_wait_ms: how long the worker may wait for more items after taking the first
+            (default 5 ms); 0 takes only what is already queued. It waits only while callers
+            have announced items on their way (:meth:`expecting`), so a lone request at low
+            load is never held back.
         max_queue: most items waiting to be taken (default 256); more -> 503.
         timeout_s: most seconds a request waits for its result, queue and compute
             (default 30) -> 504.
@@ -146,6 +148,7 @@ class DynamicBatcher(Generic[T, R]):
         self._accepting = False
         self._stopping = False
         self._batch_seconds = 0.0  # moving average of fn's time, for Retry-After
+        self._expected = 0  # items announced by callers (e.g. still decoding), not yet queued
 
     # -----------------------------------------------------------------------------------------
     # State
@@ -216,6 +219,26 @@ class DynamicBatcher(Generic[T, R]):
     # Submitting
     # -----------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[list[bool]]:
+        """Announce an item that is on its way (being decoded, say).
+
+        While announced items exist, a gathering batch waits up to ``max_wait_ms`` for them;
+        otherwise it runs at once. Pass the yielded token to :meth:`submit_timed`, which
+        withdraws the announcement when the item is queued (or the block ends without it).
+        """
+        with self._cond:
+            self._expected += 1
+        token = [True]
+        try:
+            yield token
+        finally:
+            if token[0]:
+                with self._cond:
+                    token[0] = False
+                    self._expected -= 1
+                    self._cond.notify()
+
     async def submit(self, item: T) -> R:
         """Queue ``item``, wait for its batch, return its result.
 
@@ -228,13 +251,19 @@ class DynamicBatcher(Generic[T, R]):
         result, _ = await self.submit_timed(item)
         return result
 
-    async def submit_timed(self, item: T) -> tuple[R, Timing]:
-        """As :meth:`submit`, with this request's :class:`Timing`."""
+    async def submit_timed(self, item: T, announced: list[bool] | None = None) -> tuple[R, Timing]:
+        """As :meth:`submit`, with this request's :class:`Timing`.
+
+        ``announced`` is the token of :meth:`expecting` for this item, if it was announced.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[R, Timing]] = loop.create_future()
         now = time.perf_counter()
         request = _Request(item, loop, future, now, now + self.timeout_s)
         with self._cond:
+            if announced is not None and announced[0]:
+                announced[0] = False
+                self._expected -= 1
             if not self._accepting:
                 if self._stopping:
                     raise NotReadyError("the inference worker is shutting down")
@@ -328,7 +357,7 @@ class DynamicBatcher(Generic[T, R]):
                     batch.append(request)
                     continue
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0 or self._stopping:
+                if remaining <= 0 or self._stopping or self._expected <= 0:
                     break
                 self._cond.wait(remaining)
         return batch

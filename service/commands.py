@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,8 +11,13 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from kg.console import handle_errors, print_json
+from kg.console import USER_ERRORS, handle_errors, print_json
 from kg.errors import KgError
+from service.errors import ServiceError
+
+# Bad uploads and settings are the user's to fix: `Error: ...`, exit 1, no traceback.
+if ServiceError not in USER_ERRORS:
+    USER_ERRORS.append(ServiceError)
 
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 CheckpointOpt = Annotated[
@@ -20,6 +27,13 @@ OntologyOpt = Annotated[
     str | None,
     typer.Option(help="Ontology file or NAME[@VERSION] (default: the checkpoint's own)."),
 ]
+
+
+def _set_threads(settings: Any) -> None:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
 
 
 def _settings(**overrides: Any) -> Any:
@@ -75,6 +89,10 @@ def serve(
         allow_other_ontology=allow_other_ontology or None,
     )
     resolve_checkpoint_dir(settings.checkpoint)  # fail now, clearly, when it is missing
+    _set_threads(settings)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a drained
+    # shutdown is a clean one, so exit 0 instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if settings.no_auth:
         typer.echo("warning: authentication is off (--no-auth)", err=True)
     uvicorn.run(
@@ -115,6 +133,7 @@ def predict(
     t0 = time.perf_counter()
     decoded = decode(data, filename=file.name)
     decode_ms = (time.perf_counter() - t0) * 1e3
+    _set_threads(settings)
     state = AppState(settings=settings, metrics=Metrics(), store=GraphStore(settings.db_url))
     load_model(state)
     assert state.pipeline is not None and state.predictor is not None

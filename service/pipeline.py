@@ -276,5 +276,5 @@ def thumbnail_png(pixels: np.ndarray, max_side: int = 512) -> bytes:
     image = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     image.thumbnail((max_side, max_side))
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format="PNG", compress_level=1)  # fast; it is small anyway
     return out.getvalue()

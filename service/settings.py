@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, le=100_000)  # waiting requests before 503
     request_timeout_s: float = Field(60.0, gt=0, le=3600)  # per-request inference deadline
     decode_threads: int = Field(4, ge=1, le=64)  # image decoding off the event loop
+    torch_threads: int | None = Field(None, ge=1, le=256)  # intra-op threads; None = torch's
+    max_stow_bytes: int = Field(4 * 2**30, ge=1024)  # one STOW-RS body -> 413 beyond
+    max_stow_parts: int = Field(10_000, ge=1)  # instances in one STOW-RS body
     max_upload_bytes: int = Field(50 * 2**20, ge=1024)  # larger uploads -> 413
     max_pixels: int = Field(60_000_000, ge=1024)  # width x height limit, checked before decoding
     min_image_side: int = Field(16, ge=1)  # smaller images -> 422

@@ -46,14 +46,8 @@ async def predict(
         max_pixels=settings.max_pixels,
         min_side=settings.min_image_side,
     )
-    loop = asyncio.get_running_loop()
-    decoded = await loop.run_in_executor(
-        state.decode_pool, decode, data, file.content_type, file.filename, limits
-    )
-    decode_ms = (time.perf_counter() - t0) * 1e3
-    if decoded.dicom is not None:
-        request.state.study_uid_hash = hash_uid(decoded.dicom.study_uid)
-        request.state.instance_uid_hash = hash_uid(decoded.dicom.sop_instance_uid)
+    if text is not None and not text.strip():
+        text = None
     options = PredictOptions(
         threshold=threshold,
         top_k_paths=settings.top_k_paths if top_k_paths is None else top_k_paths,
@@ -61,9 +55,24 @@ async def predict(
         evidence_k=settings.evidence_k,
         max_hops=settings.max_path_hops,
     )
-    if text is not None and not text.strip():
-        text = None
-    result, timing = await state.batcher.submit_timed(PredictRequest(decoded, text, options))
+    loop = asyncio.get_running_loop()
+    with state.batcher.expecting() as announced:  # a filling batch may wait for this one
+        decoded = await loop.run_in_executor(
+            state.decode_pool, decode, data, file.content_type, file.filename, limits
+        )
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        if decoded.dicom is not None:
+            request.state.study_uid_hash = hash_uid(decoded.dicom.study_uid)
+            request.state.instance_uid_hash = hash_uid(decoded.dicom.sop_instance_uid)
+        # The thumbnail for the overlay endpoint is drawn while the model runs.
+        thumb_future = loop.run_in_executor(state.decode_pool, thumbnail_png, decoded.pixels)
+        try:
+            result, timing = await state.batcher.submit_timed(
+                PredictRequest(decoded, text, options), announced
+            )
+        except BaseException:
+            thumb_future.cancel()
+            raise
     payload = respond(
         result,
         decoded,
@@ -75,7 +84,7 @@ async def predict(
     )
     if not payload["findings"]:
         raise UnprocessableImageError("the model returned no findings")
-    thumb = await loop.run_in_executor(state.decode_pool, thumbnail_png, decoded.pixels)
+    thumb = await thumb_future
     assert state.results is not None
     await run_in_threadpool(
         state.results.put,

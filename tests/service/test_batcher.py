@@ -116,25 +116,49 @@ def test_max_batch_size_is_respected(max_batch_size: int) -> None:
 def test_max_wait_is_honoured(max_wait_ms: float) -> None:
     fn = Recorder()
 
-    async def main() -> tuple[float, list[int]]:
+    async def main() -> tuple[float, float, list[int]]:
         b = await _started(DynamicBatcher(fn, max_batch_size=8, max_wait_ms=max_wait_ms))
         start = time.perf_counter()
-        await b.submit(1)  # alone: the worker waits max_wait for company, then runs it
-        single = time.perf_counter() - start
-        # a second request arriving within the window joins the first one's batch
-        first = asyncio.create_task(b.submit(2))
-        await asyncio.sleep(0.03)
-        await asyncio.gather(first, b.submit(3))
+        await b.submit(1)  # alone and nothing announced: runs at once, whatever max_wait
+        alone = time.perf_counter() - start
+        # Announced company: the worker waits for it (up to max_wait), so both share a batch.
+        with b.expecting() as token:
+            start = time.perf_counter()
+            first = asyncio.create_task(b.submit(2))
+            await asyncio.sleep(0.03)
+            await asyncio.gather(first, b.submit_timed(3, token))
+            together = time.perf_counter() - start
         await b.stop()
-        return single, fn.sizes
+        return alone, together, fn.sizes
 
-    single, sizes = run(main())
+    alone, together, sizes = run(main())
+    assert alone < 0.1
     if max_wait_ms == 0:
-        assert single < 0.1
         assert sizes == [1, 1, 1]
     else:
-        assert 0.13 <= single < 1.0
+        assert together < 1.0
         assert sizes == [1, 2]
+
+
+def test_an_announcement_that_never_arrives_does_not_stall() -> None:
+    fn = Recorder()
+
+    async def main() -> tuple[float, float, list[int]]:
+        b = await _started(DynamicBatcher(fn, max_batch_size=8, max_wait_ms=100))
+        with b.expecting():
+            start = time.perf_counter()
+            await b.submit(1)  # waits at most max_wait for the announced item
+            waited = time.perf_counter() - start
+        start = time.perf_counter()
+        await b.submit(2)  # the announcement ended with the block: no wait
+        after = time.perf_counter() - start
+        await b.stop()
+        return waited, after, fn.sizes
+
+    waited, after, sizes = run(main())
+    assert 0.08 <= waited < 1.0
+    assert after < 0.08
+    assert sizes == [1, 1]
 
 
 def test_submit_timed_reports_queue_and_compute_time() -> None:
