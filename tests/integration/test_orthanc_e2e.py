@@ -349,7 +349,7 @@ def _assert_exactly_one_sr_after_reforward(
 
 @pytest.mark.timeout(600)
 def test_sr_lands_in_the_study_exactly_once(make_pacs: Callable[..., Pacs]) -> None:
-    pacs = make_pacs()
+    pacs = make_pacs(KGDX_STABLE_SECONDS="1")
     data, ds = real_radiograph()
     t0 = time.monotonic()
     study_id = pacs.orthanc.upload(data)["ParentStudy"]
