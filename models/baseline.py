@@ -418,7 +418,7 @@ def train_baseline(
     norms), warm-up + cosine per optimiser step, gradient accumulation and clipping,
     ``pos_weight``, ``freeze`` (``backbone`` / ``head_only``: only the classifier trains),
     early stopping on the val macro AUROC with ``patience``, ``max_minutes``, ``seed``,
-    ``bootstrap``, ``save_dtype``, AMP on CUDA. The contrastive loss does not apply.
+    ``bootstrap``, ``save_dtype``, ``threads``, AMP on CUDA. The contrastive loss does not apply.
 
     Args:
         config: a checked training config (the kgdx recipe).
@@ -441,6 +441,8 @@ def train_baseline(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out} is a file, not a folder")
     device = resolve_device(tc.device)
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)  # as the kgdx trainer: fewer threads on a busy CPU
     data = build_datasets(config.data, preprocess, seed=tc.seed, strict=strict)
     names = list(data.label_names)
     seed_everything(tc.seed)

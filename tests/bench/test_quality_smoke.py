@@ -220,15 +220,14 @@ def test_figures_cover_targets_aims_and_reports(full_run: tuple[int, Path]) -> N
         ("nih_macro_diff_kg_densenet", "kg - densenet"),
         ("pointing_diff_kg_densenet", "kg - densenet"),
     }
-    for key in target_keys:
-        assert figs[key]["kind"] == "target" and figs[key]["status"] in ("met", "missed")
+    for target in target_keys:
+        assert figs[target]["kind"] == "target" and figs[target]["status"] in ("met", "missed")
     assert summary["targets"]["met"] + summary["targets"]["missed"] == 3
     # 8 pneumonia / normal test rows (Kermany + adult), scored by every chest arm
     assert figs[("pneumonia_auroc", "kg")]["n"].startswith("8 images")
     assert figs[("pneumonia_auroc", "densenet")]["kind"] == "report"
     for pair in ("kg - nokg", "kg10 - nokg10", "kg - plain"):
-        key = "nih_macro_diff_" + pair.replace(" - ", "_")
-        f = figs[(key, pair)]
+        f = figs[("nih_macro_diff_" + pair.replace(" - ", "_"), pair)]
         assert f["value"] is not None and f["ci"][0] <= f["value"] <= f["ci"][1]
     for arm in ("kg", "densenet", "plain"):
         assert figs[("pointing_game", arm)]["value"] is not None
@@ -315,6 +314,14 @@ def test_plan_and_usage_errors(setup: dict[str, Any], tmp_path: Path, capsys: An
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("arm") and lines[-1].startswith("estimated total")
     assert any(line.startswith("densenet") and "densenet121 64 px" in line for line in lines)
+    # every arm's config builds from the default recipe too (its own val carve-out and any
+    # source filter are dropped for the npz arm)
+    default = argv(setup, tmp_path / "q", "--plan", "--arms", ",".join(quality.ARMS))
+    default[default.index("--config") + 1] = str(quality.DEFAULT_CONFIG)
+    assert quality.main([*default, "--set", 'data.sources=["nih_"]']) == quality.EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if "config error" in line]
+    assert any(line.startswith("mnist") and "28 px" in line for line in lines)
     for bad in (["--arms", "kg,nope"], ["--reuse", "kg"], ["--set", "nope:train.epochs=1"]):
         with pytest.raises(SystemExit) as exc:
             quality.main(argv(setup, tmp_path / "q", *bad))
