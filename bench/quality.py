@@ -825,13 +825,20 @@ def run_arm(
         echo(f"[{arm.name}] done earlier ({report_path}); --force reruns it")
         record: dict[str, Any] = json.loads(report_path.read_text())
         return record
+    reused = opts.reuse.get(arm.name)
     if opts.force and arm_dir.is_dir():
-        shutil.rmtree(arm_dir)
+        keep = reused.resolve() if reused is not None else None
+        for child in arm_dir.iterdir():
+            if keep is not None and (keep == child.resolve() or child.resolve() in keep.parents):
+                continue  # the checkpoint being reused lives here
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     arm_dir.mkdir(parents=True, exist_ok=True)
     config = arm_config(arm, opts)
     paths = DataPaths(opts.data)
 
-    reused = opts.reuse.get(arm.name)
     caveats: list[str] = []
     if reused is not None:
         model_dir = reused

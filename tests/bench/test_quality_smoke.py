@@ -300,6 +300,18 @@ def test_reusing_a_checkpoint_flags_early_stopping_on_the_test_rows(
     assert any("optimistic" in c for c in report["caveats"])
     assert any("optimistic" in c for c in json.loads((res / "summary.json").read_text())["caveats"])
 
+    # --force reruns the arm but keeps a reused checkpoint that lives in the arm's folder
+    own = tmp_path / "own"
+    shutil.copytree(out / "kg", own / "kg")
+    model = own / "kg" / quality.MODEL_DIR
+    code = quality.main(
+        argv(setup, own, "--arms", "kg", "--force", "--reuse", f"kg={model}"),
+        encoder=FakeEncoder(),
+    )
+    assert code in (quality.EXIT_OK, quality.EXIT_MISS) and (model / "checkpoint.json").is_file()
+    rerun = json.loads((own / "kg" / quality.REPORT_FILE).read_text())
+    assert rerun["training"]["status"] == "reused" and rerun["caveats"] == []
+
     info["extra"]["train_config"]["data"]["train_split"] = ["train", "val"]
     (leaky / "checkpoint.json").write_text(json.dumps(info))
     code = quality.main(
