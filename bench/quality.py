@@ -615,6 +615,18 @@ def score_dataset(
 # ---------------------------------------------------------------------------------------------
 
 
+#: ``--set`` keys that change how fast an arm trains, not what it learns.
+HARMLESS_OVERRIDES = ("train.threads", "train.num_workers", "train.device")
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
@@ -826,6 +838,7 @@ def run_arm(
         record: dict[str, Any] = json.loads(report_path.read_text())
         return record
     reused = opts.reuse.get(arm.name)
+    caveats: list[str] = []
     if opts.force and arm_dir.is_dir():
         keep = reused.resolve() if reused is not None else None
         for child in arm_dir.iterdir():
@@ -839,10 +852,19 @@ def run_arm(
     config = arm_config(arm, opts)
     paths = DataPaths(opts.data)
 
-    caveats: list[str] = []
+    changed = [
+        o
+        for o in [*opts.sets, *opts.arm_sets.get(arm.name, [])]
+        if o.split("=", 1)[0].strip() not in HARMLESS_OVERRIDES
+    ]
+    if opts.config != DEFAULT_CONFIG or changed:
+        caveats.append(
+            f"{arm.name}: not the default recipe: {_shown_path(opts.config)}"
+            + (f" with {'; '.join(changed)}" if changed else "")
+        )
     if reused is not None:
         model_dir = reused
-        caveats = reuse_caveats(arm, config, reused)
+        caveats += reuse_caveats(arm, config, reused)
         training: dict[str, Any] = {"status": "reused", "checkpoint": str(reused), "minutes": 0.0}
         echo(f"[{arm.name}] reusing {reused}")
     else:
@@ -906,6 +928,10 @@ def run_arm(
         "what": arm.what,
         "kind": arm.kind,
         "no_kg": arm.no_kg,
+        "recipe": {
+            "config": _shown_path(opts.config),
+            "overrides": [*opts.sets, *opts.arm_sets.get(arm.name, [])],
+        },
         "settings": {
             "backbone": arm.backbone or image.get("backbone"),
             "image_size": config.preprocess_config().image_size,
@@ -1395,6 +1421,7 @@ def summarise(opts: Options, show: Callable[[str], None] = print) -> dict[str, A
         "test_split": split_facts(DataPaths(opts.data)) if cxr else None,
         "validation": f"patient-wise {VAL_FRACTION:.0%} of the {TRAIN_SPLIT!r} rows, seed "
         f"{SPLIT_SEED} (early stopping only)",
+        "recipes": sorted({(r.get("recipe") or {}).get("config", "?") for r in records.values()}),
         "bootstrap": {"n_boot": opts.n_boot, "seed": opts.seed, "ci": 0.95},
         "arms": {
             name: {
@@ -1527,8 +1554,9 @@ def markdown(summary: dict[str, Any], figures: Sequence[Figure]) -> str:
             f"Held-out test set: the CSV's `{t['split']}` rows, {t['images']} images "
             f"({t['nih_images']} NIH ChestX-ray14, {t['pneumonia_normal_images']} Kermany + "
             f"adult pneumonia/normal), {t['patients']} patients, none of them in training. "
-            f"Early stopping: {summary['validation']}. Every arm uses the recipe of "
-            "`models/configs/default.toml`. 95% CIs: percentile bootstrap over test images "
+            f"Validation: {summary['validation']}. Recipe: "
+            + ", ".join(f"`{r}`" for r in summary["recipes"])
+            + " (overrides are listed as caveats). 95% CIs: percentile bootstrap over test images "
             f"({summary['bootstrap']['n_boot']} resamples, seed {summary['bootstrap']['seed']}; "
             "paired for differences), Wilson for hit rates."
         )

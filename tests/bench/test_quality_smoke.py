@@ -196,6 +196,8 @@ def test_every_arm_trains_evaluates_and_enters_the_summary(full_run: tuple[int, 
     # the split: 12% of the training patients for early stopping, the CSV's val rows held out
     kg = json.loads((out / "kg" / quality.REPORT_FILE).read_text())
     assert kg["settings"]["val_fraction"] == quality.VAL_FRACTION
+    assert kg["recipe"]["config"] == "models/configs/tiny.toml"
+    assert any("kg: not the default recipe" in c for c in summary["caveats"])
     assert kg["settings"]["label_fraction"] == 1.0
     assert json.loads((out / "kg10" / quality.REPORT_FILE).read_text())["settings"][
         "label_fraction"
@@ -310,7 +312,9 @@ def test_reusing_a_checkpoint_flags_early_stopping_on_the_test_rows(
     )
     assert code in (quality.EXIT_OK, quality.EXIT_MISS) and (model / "checkpoint.json").is_file()
     rerun = json.loads((own / "kg" / quality.REPORT_FILE).read_text())
-    assert rerun["training"]["status"] == "reused" and rerun["caveats"] == []
+    assert rerun["training"]["status"] == "reused"
+    # the checkpoint matches the recipe it is evaluated under: no caveat but the (tiny) recipe
+    assert [c for c in rerun["caveats"] if "not the default recipe" not in c] == []
 
     info["extra"]["train_config"]["data"]["train_split"] = ["train", "val"]
     (leaky / "checkpoint.json").write_text(json.dumps(info))
