@@ -42,8 +42,8 @@ not run (``Error: ...`` on stderr).
 Usage:
   python bench/quality.py --plan                         # arms, settings, time estimates
   python bench/quality.py                                # all default arms (~2.8 h, 2 CPUs)
-  python bench/quality.py --arms kg,nokg,kg10,nokg10,mnist
-  python bench/quality.py --arms kg --reuse kg=models/data/default
+  python bench/quality.py --arms densenet,kg10,nokg10,mnist     # ~75 min
+  python bench/quality.py --arms kg,nokg,zeroshot --reuse kg=models/data/default  # ~62 min
   python bench/quality.py --summary-only                 # figures from what OUT holds
 """
 
