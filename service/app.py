@@ -39,7 +39,7 @@ from service.results import ResultStore
 from service.routes import dicomweb, health, ontology, predict, reports, results, studies
 from service.settings import Settings, get_settings
 from service.state import AppState
-from service.study_worker import StudyWorker, job_queue_for
+from service.study_worker import StudyWorker, job_queue_for, source_finder
 
 log = logging.getLogger("kgdx.app")
 
@@ -118,6 +118,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Study jobs (DICOMweb ingest): the worker turns quiet studies into jobs and runs them
     # through the batcher above; it needs the model, and stops before the batcher drains.
     state.jobs = job_queue_for(state)
+    state.extras[reports.SR_SOURCE_KEY] = source_finder(state)  # job results' SR in their study
     if state.batcher is not None:
         state.worker = StudyWorker(state)
         await state.worker.start()

@@ -46,7 +46,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,13 +57,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from kg.home import kgdx_home
 from models.errors import DataError
-from service.coding import ConceptCoder, ConceptCodes
+from service.coding import ConceptCodes, coder_for
 from service.decode import DecodeLimits
 from service.errors import ServiceError
 from service.instances import InstanceStore
 from service.jobs import Job, JobQueue, LeaseLostError, owner_id
 from service.logs import hash_uid
 from service.pipeline import PredictOptions, PredictRequest, decode, respond, thumbnail_png
+from service.results import StoredResult
 from service.selection import select_instances
 from service.sr import build_sr, derive_uid, sr_bytes
 from service.sr_push import PermanentPushError, TransientPushError, push_sr
@@ -76,7 +77,7 @@ __all__ = [
     "StudyWorker",
     "job_queue_for",
     "result_id_for",
-    "sr_series_uid_for",
+    "source_finder",
     "sr_uid_for",
 ]
 
@@ -102,13 +103,34 @@ def result_id_for(job_id: str, sop_instance_uid: str) -> str:
 
 def sr_uid_for(job_id: str, sop_instance_uid: str) -> str:
     """The SOPInstanceUID of the SR a job makes for one scored image: the same on every try,
-    so a retried job (or a retried push) makes the same SR, never a second one."""
-    return derive_uid("kgdx-job-sr", job_id, sop_instance_uid)
+    so a retried job (or a retried push) makes the same SR, never a second one.
+
+    It is the UID ``GET /v1/results/{id}/sr`` gives the result's SR too
+    (``derive_uid("result", id, "sr")``), so a PACS never holds two SRs of one result.
+    """
+    return derive_uid("result", result_id_for(job_id, sop_instance_uid), "sr")
 
 
-def sr_series_uid_for(job_id: str) -> str:
-    """The SeriesInstanceUID of a job's SRs."""
-    return derive_uid("kgdx-job-sr-series", job_id)
+def source_finder(state: AppState) -> Callable[[StoredResult], Dataset | None]:
+    """``StoredResult -> header of the instance it was scored from`` for results of jobs
+    (``None`` for others), so ``GET /v1/results/{id}/sr`` builds the SR in the source's
+    study, as the job did (register it as ``state.extras[service.routes.reports.SR_SOURCE_KEY]``).
+    """
+
+    def find(stored: StoredResult) -> Dataset | None:
+        if state.db is None:
+            return None
+        queue = state.jobs or JobQueue(state.db)
+        job = queue.by_result(stored.id)
+        if job is None:
+            return None
+        store = state.instances or InstanceStore(state.db, kgdx_home() / "instances")
+        for row in store.by_study(job.study_uid):
+            if row.job_id == job.id and result_id_for(job.id, row.sop_instance_uid) == stored.id:
+                return pydicom.dcmread(store.path_of(row), stop_before_pixels=True)
+        return None
+
+    return find
 
 
 def job_queue_for(state: AppState) -> JobQueue:
@@ -167,7 +189,7 @@ class StudyWorker:
         self._current: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._next_recovery = 0.0
-        self._coder: ConceptCodes = None
+        self._coders: dict[Any, Any] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -430,7 +452,7 @@ class StudyWorker:
         assert state.results is not None
         kept = {s.sop_instance_uid for s in await asyncio.to_thread(self.queue.srs, job.id)}
         first = None
-        for number, item in enumerate(scored, start=1):
+        for item in scored:
             uid = sr_uid_for(job.id, item.sop_instance_uid)
             first = first or uid
             if uid in kept:
@@ -440,14 +462,7 @@ class StudyWorker:
                 raise PermanentJobError("a result of the job is missing from the result store")
             source = await asyncio.to_thread(pydicom.dcmread, item.path, stop_before_pixels=True)
             data = await asyncio.to_thread(
-                build_job_sr,
-                state,
-                stored.payload,
-                source,
-                instance_uid=uid,
-                series_uid=sr_series_uid_for(job.id),
-                instance_number=number,
-                concept_codes=self._codes(),
+                build_job_sr, stored.payload, source, uid, self._codes(stored.payload)
             )
             await asyncio.to_thread(
                 self.queue.add_sr, job.id, self.owner, item.result_id, uid, data
@@ -455,15 +470,12 @@ class StudyWorker:
         assert first is not None
         await asyncio.to_thread(self.queue.record_sr, job.id, self.owner, first)
 
-    def _codes(self) -> ConceptCodes:
-        """Concept codes (SNOMED CT / UMLS / the ontology's own) of the served ontology."""
-        if self._coder is None:
-            state = self.state
-            found = getattr(state, "concept_codes", None)
-            if found is None and state.store is not None and state.ontology_ref:
-                found = ConceptCoder.from_store(state.store, state.ontology_ref)
-            self._coder = found
-        return self._coder
+    def _codes(self, payload: dict[str, Any]) -> ConceptCodes:
+        """Concept codes (SNOMED CT / UMLS / the ontology's own) of the result's ontology."""
+        state = self.state
+        return coder_for(
+            state.store, payload, default_ref=state.ontology_ref or None, cache=self._coders
+        )
 
     # -- push ----------------------------------------------------------------------------
 
@@ -500,25 +512,14 @@ class StudyWorker:
 
 
 def build_job_sr(
-    state: AppState,
-    payload: dict[str, Any],
-    source: Dataset,
-    *,
-    instance_uid: str,
-    series_uid: str,
-    instance_number: int,
-    concept_codes: ConceptCodes,
+    payload: dict[str, Any], source: Dataset, instance_uid: str, concept_codes: ConceptCodes
 ) -> bytes:
-    """One result of a job as a DICOM SR (:func:`service.sr.build_sr`), Part 10 bytes."""
-    del state  # the payload carries the model and ontology identity the SR needs
-    sr = build_sr(
-        payload,
-        source=source,
-        concept_codes=concept_codes,
-        instance_uid=instance_uid,
-        series_uid=series_uid,
-        instance_number=instance_number,
-    )
+    """One result of a job as a DICOM SR (:func:`service.sr.build_sr`), Part 10 bytes.
+
+    Built exactly as ``GET /v1/results/{id}/sr`` builds it (same UID, source and codes), so
+    the SR the PACS receives and the one the API serves are the same instance.
+    """
+    sr = build_sr(payload, source=source, concept_codes=concept_codes, instance_uid=instance_uid)
     return sr_bytes(sr)
 
 

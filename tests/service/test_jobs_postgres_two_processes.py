@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,10 @@ print(json.dumps(taken))
 
 
 @pytest.fixture
-def pg_db(pg_server: PostgresServer) -> ServiceDatabase:
-    db = ServiceDatabase(pg_server.fresh_database("kgdx_claim"))
-    db.create_all()
-    return db
+def pg_db(pg_server: PostgresServer) -> Iterator[ServiceDatabase]:
+    with ServiceDatabase(pg_server.fresh_database("kgdx_claim")) as db:
+        db.create_all()
+        yield db
 
 
 def fill(db: ServiceDatabase, n: int) -> list[str]:

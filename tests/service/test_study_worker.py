@@ -159,6 +159,13 @@ def test_a_study_is_scored_reported_and_findable(
     assert sr.SOPInstanceUID == sr_uid and sr.Modality == "SR"
     assert sr.StudyInstanceUID == study
     assert str(sr.PatientName) == PATIENT_NAME  # it belongs in the SR...
+    # GET /v1/results/{id}/sr serves the same SR instance, in the source's study
+    served_sr = served.client.get(f"/v1/results/{rid}/sr", headers=served.auth())
+    assert served_sr.status_code == 200
+    assert served_sr.headers["x-kgdx-sr-study"] == "source"
+    again = pydicom.dcmread(BytesIO(served_sr.content))
+    assert (again.SOPInstanceUID, again.StudyInstanceUID) == (sr_uid, study)
+    assert again.SeriesInstanceUID == sr.SeriesInstanceUID
     logged = capfd.readouterr().err  # what the log handler wrote, after redaction
     assert "kgdx.worker" in logged and "job queued" in logged
     assert PATIENT_NAME not in logged and PATIENT_ID not in logged  # ...never in the logs
@@ -188,6 +195,45 @@ def test_re_sent_instances_and_our_sr_coming_back_make_no_new_job(
     assert skipped[sr_uid].startswith("non-image SOP class Comprehensive 3D SR Storage")
     assert pa.sop_instance_uid not in skipped
     assert body["status"] == "done" and len(body["results"]) == 1
+
+
+def stow(served: Served, *parts: bytes) -> dict[str, Any]:
+    """``POST /dicomweb/studies`` with ``parts``, as a PACS forwards a study."""
+    boundary = f"b-{uuid.uuid4().hex}"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+        for p in parts
+    )
+    r = served.client.post(
+        "/dicomweb/studies",
+        content=body + f"--{boundary}--\r\n".encode(),
+        headers={
+            **served.auth("ingest"),
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        },
+    )
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_a_study_sent_by_stow_rs_gets_one_sr_even_when_forwarded_again(
+    serve: Callable[..., Served], fake_stow: FakeStow
+) -> None:
+    served = serve(sr_destination_url=fake_stow.url)
+    study = generate_uid()
+    pa, lateral = radiograph(study, "PA"), radiograph(study, "LL", seed=1)
+    stow(served, pa, lateral)
+    body = wait_for(served, study)
+    (job,) = body["jobs"]
+    assert job["state"] == "done" and body["sr"]["pushed"] == 1
+    (sr_uid,) = fake_stow.stored
+    # the PACS now holds our SR in the study and forwards the whole study again
+    stow(served, pa, lateral, fake_stow.stored[sr_uid])
+    time.sleep(FAST["stable_seconds"] + 0.5)
+    body = wait_for(served, study)
+    assert [j["id"] for j in body["jobs"]] == [job["id"]]
+    assert list(fake_stow.stored) == [sr_uid] and len(fake_stow.statuses) == 1
+    assert {s["sop_instance_uid"] for s in body["skipped"]} >= {sr_uid}
 
 
 def test_every_frontal_image_gets_a_result_and_an_sr(serve: Callable[..., Served]) -> None:
