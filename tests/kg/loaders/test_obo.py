@@ -193,7 +193,8 @@ def test_hpo_parses_fast(hpo_obo: Path) -> None:
     elapsed = time.process_time() - start
     assert len(onto) > 15000 and onto.name == "hp"
     assert onto.meta["data-version"].startswith("hp/releases/")
-    assert elapsed < 1.0, f"HPO took {elapsed:.2f} s to parse and validate"
+    # bench/kg_bench.py holds the speed target; this only guards against a gross regression.
+    assert elapsed < 10.0, f"HPO took {elapsed:.2f} s of CPU to parse and validate"
 
 
 def test_hpo_matches_obonet(hpo_obo: Path) -> None:

@@ -114,7 +114,7 @@ def test_dtds_and_entities_are_refused_fast(write: Write, document: str) -> None
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 0.5
+    assert elapsed < 5.0  # refused before expanding anything, even on a busy machine
     assert peak < 5_000_000
     assert err.value.line == 2
     assert "root:" not in str(err.value)  # nothing of /etc/passwd
