@@ -1,0 +1,56 @@
+"""Smoke test of ``bench/stow_bench.py``: the quick run, without Orthanc, in a subprocess.
+
+It starts a real ``kgdx serve`` (tiny checkpoint), posts small STOW-RS studies and a 40 MB
+one, and must exit 0 with a final JSON line carrying every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.kgdx_server import child_env
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench" / "stow_bench.py"
+KEYS = {"checkpoint", "ingest", "memory", "orthanc", "errors", "misses", "pass", "targets"}
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--skip-orthanc"],
+        cwd=ROOT,
+        env=child_env(tmp_path / "unused-home"),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    elapsed = time.monotonic() - t0
+    output = res.stdout + res.stderr
+    assert res.returncode == 0, output[-4000:]
+    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not KEYS - set(figures), sorted(KEYS - set(figures))
+    assert figures["pass"] is True and figures["errors"] == [] and figures["misses"] == []
+    assert figures["quick"] is True
+    ingest = figures["ingest"]
+    assert ingest["instances"] == 10 and len(ingest["rounds"]) == 2
+    for name in ("best_instances_per_s", "best_mb_per_s", "median_instances_per_s"):
+        assert ingest[name] > 0, name
+    memory = figures["memory"]
+    assert memory["instances"] == 40 and memory["sent_mb"] == pytest.approx(40, abs=1)
+    for name in ("rss_start_mb", "rss_peak_mb", "rss_growth_mb", "samples"):
+        assert name in memory, name
+    assert memory["rss_peak_mb"] >= memory["rss_start_mb"] > 0
+    assert memory["rss_growth_mb"] < figures["targets"]["rss_growth_mb"]
+    assert figures["orthanc"] == {"skipped": "--skip-orthanc"}
+    assert "STOW ingest" in res.stdout and "server RSS" in res.stdout
+    assert elapsed < 60, f"the quick run took {elapsed:.0f} s"
