@@ -30,6 +30,24 @@ class Served:
         return {"Authorization": f"Bearer {self.keys[scope]}"}
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(
+    request: pytest.FixtureRequest, tmp_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ServiceDatabase]:
+    """An empty service database, on SQLite and on a real PostgreSQL."""
+    monkeypatch.delenv("KGDX_UID_SALT", raising=False)
+    url = (
+        f"sqlite:///{tmp_home / 'kgdx.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    with ServiceDatabase(url) as d:
+        d.drop_all()
+        d.create_all()
+        yield d
+        d.drop_all()
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,6 @@ from service.apikeys import (
     parse_key,
 )
 from service.db import ServiceDatabase, api_keys
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_home: Path) -> Iterator[ServiceDatabase]:
-    url = (
-        f"sqlite:///{tmp_home / 'kgdx.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    with ServiceDatabase(url) as d:
-        d.drop_all()
-        d.create_all()
-        yield d
-        d.drop_all()
 
 
 @pytest.fixture
@@ -160,9 +145,7 @@ def test_names_and_scopes_are_checked(keys: ApiKeyStore) -> None:
     assert [k.name for k in keys.list()] == ["dup", "dup"]
 
 
-def test_last_used_is_written_at_most_once_a_minute(
-    keys: ApiKeyStore, db: ServiceDatabase
-) -> None:
+def test_last_used_is_written_at_most_once_a_minute(keys: ApiKeyStore, db: ServiceDatabase) -> None:
     record, plaintext = keys.create("a", ["predict"])
     first = keys.verify(plaintext)
     assert first is not None and first.last_used_at is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +12,6 @@ from sqlalchemy.exc import DBAPIError
 
 from service.audit import AuditLog, AuditRecord, outcome_for_status
 from service.db import ServiceDatabase
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(
-    request: pytest.FixtureRequest, tmp_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[ServiceDatabase]:
-    monkeypatch.delenv("KGDX_UID_SALT", raising=False)
-    url = (
-        f"sqlite:///{tmp_home / 'kgdx.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    with ServiceDatabase(url) as d:
-        d.drop_all()
-        d.create_all()
-        yield d
-        d.drop_all()
 
 
 def rec(**over: Any) -> AuditRecord:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +15,6 @@ from service.logs import hash_uid
 from service.results import ResultStore, normalize_result_id
 
 STUDY = "1.2.826.0.1.3680043.8.498.12345678901234567890"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(
-    request: pytest.FixtureRequest, tmp_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[ServiceDatabase]:
-    monkeypatch.delenv("KGDX_UID_SALT", raising=False)
-    url = (
-        f"sqlite:///{tmp_home / 'kgdx.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    with ServiceDatabase(url) as d:
-        d.drop_all()
-        d.create_all()
-        yield d
-        d.drop_all()
 
 
 @pytest.fixture
