@@ -11,12 +11,20 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from kg.errors import KgError
 
@@ -79,44 +87,37 @@ def progress_enabled(quiet: bool = False) -> bool:
 
 
 @contextmanager
-def byte_progress(description: str, *, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+def _progress(
+    description: str, columns: tuple[ProgressColumn, ...], quiet: bool
+) -> Iterator[Callable[[int, int], None]]:
+    if not progress_enabled(quiet):
+        yield lambda done, total: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        *columns,
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def byte_progress(
+    description: str, *, quiet: bool = False
+) -> ContextManager[Callable[[int, int], None]]:
     """A ``progress(done, total)`` callback that draws a bar on stderr when it may."""
-    if not progress_enabled(quiet):
-        yield lambda done, total: None
-        return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
+    return _progress(description, (DownloadColumn(),), quiet)
 
 
-@contextmanager
-def step_progress(description: str, *, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+def step_progress(
+    description: str, *, quiet: bool = False
+) -> ContextManager[Callable[[int, int], None]]:
     """Like :func:`byte_progress` for counts of items."""
-    if not progress_enabled(quiet):
-        yield lambda done, total: None
-        return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
+    return _progress(description, (TextColumn("{task.completed}/{task.total}"),), quiet)
