@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.decode import DecodeLimits
@@ -33,7 +34,7 @@ async def predict(
     threshold: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
     top_k_paths: Annotated[int | None, Form(ge=0, le=20)] = None,
     heatmap: Annotated[bool, Form()] = True,
-) -> dict[str, object]:
+) -> Response:
     """Score an image: findings, probabilities, heat maps, evidence and ontology paths."""
     settings = state.settings
     assert state.batcher is not None and state.predictor is not None
@@ -96,4 +97,8 @@ async def predict(
         ontology_version=str(state.predictor.ontology_version),
     )
     request.state.result_id = payload["id"]
-    return payload
+    # The payload was built by respond() to PredictResponse's shape (tests check it against
+    # the schema); writing it out directly saves re-validating a large nested document.
+    return Response(
+        content=json.dumps(payload, separators=(",", ":")), media_type="application/json"
+    )

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from service.pipeline import InferencePipeline
+from service.schemas import PredictResponse
 from tests.service import images
 from tests.service.conftest import Served
 
@@ -51,6 +52,7 @@ def test_predict_answers_findings_heatmaps_evidence_and_paths(served: Served) ->
     r = _predict(served, text="fever and cough")
     assert r.status_code == 200, r.text
     body = r.json()
+    PredictResponse.model_validate(body)  # the route writes the payload without re-validating
     assert body["model"]["name"] and body["model"]["version"]
     assert body["ontology"]["name"] == "tiny" and len(body["ontology"]["version"]) == 16
     assert set(body["timings"]) == {
