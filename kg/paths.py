@@ -26,6 +26,8 @@ from kg.graph import ConceptGraph
 MAX_HOPS_LIMIT = 6
 #: How much full relevance (1.0) lowers the cost of entering a concept.
 RELEVANCE_DISCOUNT = 0.5
+#: The cheapest an edge can be: weight 1 (cost 1) into a fully relevant concept.
+MIN_EDGE_COST = 1.0 - RELEVANCE_DISCOUNT
 
 # A half-path: (cost, node indices, edges as (relation index, direction)).
 _Half = tuple[float, tuple[int, ...], tuple[tuple[int, int], ...]]
@@ -115,6 +117,27 @@ class PathFinder:
             return []
         allowed = self._relation_filter(relations)
         discount = self._discounts(relevance)
+        # Iterative deepening: every edge costs at least MIN_EDGE_COST, so once the k-th best
+        # path of at most h hops is cheaper than any path of h + 1 hops can be, longer paths
+        # cannot enter the top k and the (much larger) deeper search is skipped.
+        for hops in range(min(2, max_hops), max_hops + 1):
+            ranked = self._search(s, target_idx, hops, k, allowed, discount)
+            if hops == max_hops or (
+                len(ranked) >= k and ranked[k - 1][0] < MIN_EDGE_COST * (hops + 1)
+            ):
+                break
+        return [self._to_path(cost, nodes, edges) for cost, nodes, edges in ranked]
+
+    def _search(
+        self,
+        s: int,
+        target_idx: list[int],
+        max_hops: int,
+        k: int,
+        allowed: set[int] | None,
+        discount: dict[int, float],
+    ) -> list[tuple[float, tuple[int, ...], tuple[tuple[int, int], ...]]]:
+        """The k cheapest paths of at most ``max_hops``, as ``(cost, nodes, edges)``."""
         fwd_len = (max_hops + 1) // 2
         back_len = max_hops // 2
 
@@ -145,7 +168,7 @@ class PathFinder:
                         elif -cost > best[0][0]:
                             heapq.heapreplace(best, item)
         ranked = sorted(best, key=lambda it: (-it[0], it[1]))
-        return [self._to_path(-neg, nodes, edges) for neg, _, nodes, edges in ranked]
+        return [(-neg, nodes, edges) for neg, _, nodes, edges in ranked]
 
     def _relation_filter(self, relations: Collection[str] | None) -> set[int] | None:
         if relations is None:

@@ -155,3 +155,27 @@ def test_ancestors_follow_is_a_upwards() -> None:
     graph = ConceptGraph.from_ontology(_chest())
     assert graph.ancestors("X:5") == ["X:3"]
     assert graph.ancestors("X:1") == ["X:2"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_iterative_deepening_matches_the_full_search(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kg.paths
+
+    rng = random.Random(seed)
+    o = Ontology(name="rand")
+    ids = [f"N:{i}" for i in range(30)]
+    for cid in ids:
+        o.add(Concept(cid, cid))
+    edges = {
+        (rng.choice(ids), rng.choice(["is_a", "suggests"]), rng.choice(ids)) for _ in range(70)
+    }
+    o.relations = [Relation(s, p, t, weight=rng.choice([None, 0.4])) for s, p, t in edges if s != t]
+    finder = PathFinder(ConceptGraph.from_ontology(o))
+    relevance = {cid: rng.random() for cid in rng.sample(ids, 10)}
+    queries = [(rng.choice(ids), rng.sample(ids, 4), rng.choice([1, 3, 5])) for _ in range(20)]
+    fast = [finder.paths_to_any(s, t, k=k, relevance=relevance) for s, t, k in queries]
+    monkeypatch.setattr(kg.paths, "MIN_EDGE_COST", 0.0)  # never stop early
+    full = [finder.paths_to_any(s, t, k=k, relevance=relevance) for s, t, k in queries]
+    assert fast == full
