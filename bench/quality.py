@@ -403,45 +403,35 @@ class Scorer(Protocol):
     def zero_shot(self, batch: Any, concept_ids: list[str]) -> np.ndarray: ...  # (B, Z)
 
 
-class KgdxScorer:
-    """A kgdx :class:`Predictor`: probabilities, attention heat maps, zero-shot scores."""
+class _PredictorScorer:
+    """Probabilities and heat maps from a loaded predictor (kgdx or baseline)."""
 
-    def __init__(self, predictor: Predictor):
+    def __init__(self, predictor: Any):
         self.predictor = predictor
         self.names = list(predictor.names)
 
     @property
     def image_size(self) -> int:
-        return self.predictor.image_size
+        return int(self.predictor.image_size)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Any, list[Geometry]]:
-        return self.predictor.preprocess(images)
+        batch, geometries = self.predictor.preprocess(images)
+        return batch, list(geometries)
 
     def score(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
         out = self.predictor.predict(batch)
         return out.probabilities.numpy(), out.heatmaps().numpy()
+
+
+class KgdxScorer(_PredictorScorer):
+    """A kgdx :class:`Predictor`: probabilities, attention heat maps, zero-shot scores."""
 
     def zero_shot(self, batch: Any, concept_ids: list[str]) -> np.ndarray:
         return zero_shot_scores(self.predictor, batch, concept_ids)
 
 
-class BaselineScorer:
+class BaselineScorer(_PredictorScorer):
     """A :class:`BaselinePredictor`: probabilities and class activation maps."""
-
-    def __init__(self, predictor: BaselinePredictor):
-        self.predictor = predictor
-        self.names = list(predictor.names)
-
-    @property
-    def image_size(self) -> int:
-        return self.predictor.image_size
-
-    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Any, list[Geometry]]:
-        return self.predictor.preprocess(images)
-
-    def score(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
-        out = self.predictor.predict(batch)
-        return out.probabilities.numpy(), out.heatmaps().numpy()
 
     def zero_shot(self, batch: Any, concept_ids: list[str]) -> np.ndarray:
         raise ModelError("a plain classifier cannot score findings it was not trained on")
