@@ -54,7 +54,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -86,6 +85,7 @@ from models.errors import ConfigError, DataError, ModelError  # noqa: E402
 from models.evaluate import run_evaluation  # noqa: E402
 from models.faithfulness import DeletionConfig  # noqa: E402
 from models.inference import Predictor, zero_shot_scores  # noqa: E402
+from models.jsonfile import clean_json, write_json  # noqa: E402
 from models.localisation import (  # noqa: E402
     NIH_ORIGINAL_SIZE,
     Box,
@@ -617,28 +617,6 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _clean(value: Any) -> Any:
-    """NaN / inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
 _COMPARED_KEYS = (
     "train.epochs",
     "train.batch_size",
@@ -806,7 +784,7 @@ def _train(
         "n_skipped_images": len(result.skipped),
         "max_minutes": tc.max_minutes,
     }
-    _write_json(done, record)
+    write_json(done, record)
     echo(
         f"[{arm.name}] trained in {record['minutes']:.1f} min: {result.stopped} after "
         f"{result.epochs_run}/{tc.epochs} epochs, best epoch {result.best_epoch}"
@@ -944,7 +922,7 @@ def run_arm(
         },
         "caveats": caveats,
     }
-    _write_json(report_path, record)
+    write_json(report_path, record)
     echo(f"[{arm.name}] evaluated in {record['evaluation']['minutes']:.1f} min")
     return record
 
@@ -1433,7 +1411,7 @@ def summarise(opts: Options, show: Callable[[str], None] = print) -> dict[str, A
         "exit_code": EXIT_MISS if missed else EXIT_OK,
     }
     opts.out.mkdir(parents=True, exist_ok=True)
-    _write_json(opts.out / "summary.json", summary)
+    write_json(opts.out / "summary.json", summary)
     (opts.out / "summary.md").write_text(markdown(summary, figures))
     for line in table(summary, figures):
         show(line)
@@ -1522,7 +1500,7 @@ def table(summary: dict[str, Any], figures: Sequence[Figure]) -> list[str]:
             "exit_code": summary["exit_code"],
         }
     }
-    lines.append(json.dumps(_clean(compact), allow_nan=False))
+    lines.append(json.dumps(clean_json(compact), allow_nan=False))
     return lines
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,10 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from models.checkpoint import write_weights_and_info
 from models.errors import CheckpointError, ConfigError, DataError, ModelError
 from models.image_encoder import ImageEncoder, ImageEncoderConfig
 from models.losses import auto_pos_weight, masked_bce
@@ -234,13 +234,14 @@ def save_baseline(
         if dtype == "float16" and t.is_floating_point():
             t = t.half()
         tensors[key] = t
-    pid = os.getpid()
-    tmp_w = directory / f".{WEIGHTS_FILE}.{pid}.tmp"
-    tmp_i = directory / f".{INFO_FILE}.{pid}.tmp"
-    save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
-    tmp_i.write_text(text + "\n")
-    os.replace(tmp_w, directory / WEIGHTS_FILE)
-    os.replace(tmp_i, directory / INFO_FILE)
+    write_weights_and_info(
+        directory,
+        tensors,
+        {"format": FORMAT},
+        text,
+        weights_file=WEIGHTS_FILE,
+        info_file=INFO_FILE,
+    )
     return directory
 
 

@@ -89,14 +89,35 @@ def save_checkpoint(
         raise ValueError(f"extra must be JSON-serialisable: {e}") from e
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # Weights first, JSON last and both by atomic rename: a crash leaves no loadable half.
-    pid = os.getpid()
-    tmp_w = directory / f".{WEIGHTS_FILE}.{pid}.tmp"
-    tmp_i = directory / f".{INFO_FILE}.{pid}.tmp"
-    save_file(tensors, str(tmp_w), metadata={"format": FORMAT, "ontology_version": version})
-    tmp_i.write_text(text + "\n")
-    os.replace(tmp_w, directory / WEIGHTS_FILE)
-    os.replace(tmp_i, directory / INFO_FILE)
+    write_weights_and_info(
+        directory,
+        tensors,
+        {"format": FORMAT, "ontology_version": version},
+        text,
+        weights_file=WEIGHTS_FILE,
+        info_file=INFO_FILE,
+    )
     return directory
+
+
+def write_weights_and_info(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    info_text: str,
+    *,
+    weights_file: str,
+    info_file: str,
+) -> None:
+    """Write a safetensors file and its JSON side by side, each through a temp file + rename,
+    so a reader never sees a half-written checkpoint."""
+    pid = os.getpid()
+    tmp_w = directory / f".{weights_file}.{pid}.tmp"
+    tmp_i = directory / f".{info_file}.{pid}.tmp"
+    save_file(tensors, str(tmp_w), metadata=metadata)
+    tmp_i.write_text(info_text + "\n")
+    os.replace(tmp_w, directory / weights_file)
+    os.replace(tmp_i, directory / info_file)
 
 
 def read_checkpoint_info(directory: str | Path) -> dict[str, Any]:

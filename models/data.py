@@ -20,6 +20,7 @@ any number of worker processes; call :meth:`set_epoch` each epoch.
 
 from __future__ import annotations
 
+import abc
 import copy
 import csv
 import logging
@@ -184,7 +185,7 @@ def _check_image(path: Path, verify: str, dicom: bool) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-class LabelledImageDataset(Dataset[Item]):
+class LabelledImageDataset(Dataset[Item], abc.ABC):
     """Common machinery: label arrays, per-sample seeding, transform, meta.
 
     Attributes:
@@ -217,9 +218,9 @@ class LabelledImageDataset(Dataset[Item]):
         self.skipped: list[tuple[str, str]] = []
 
     # -- subclasses ----------------------------------------------------------------------
+    @abc.abstractmethod
     def load(self, index: int) -> np.ndarray:
         """Decode sample ``index`` to a float32 ``(H, W)`` array in [0, 1]."""
-        raise NotImplementedError
 
     def _take(self: _D, indices: np.ndarray) -> _D:
         """A shallow copy keeping ``indices`` of every per-sample field."""

@@ -27,8 +27,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json as _json
-import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -47,6 +45,7 @@ from models.faithfulness import (
     summarise_deletion,
 )
 from models.inference import Predictor, zero_shot_scores
+from models.jsonfile import clean_json, write_json
 from models.localisation import (
     NIH_ORIGINAL_SIZE,
     Box,
@@ -99,28 +98,6 @@ def _progress(total: int, quiet: bool, desc: str) -> Any:
         disable=quiet or not sys.stderr.isatty(),
         dynamic_ncols=True,
     )
-
-
-def _write_json(path: Path, report: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(_json.dumps(report, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _clean(value: Any) -> Any:
-    """NaN / inf -> None, numpy scalars -> Python, recursively (for strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def run_evaluation(
@@ -351,8 +328,8 @@ def run_evaluation(
         "images_per_second": round(len(kept) / seconds, 3) if seconds > 0 else None,
         "device": str(predictor.device),
     }
-    report = _clean(report)
-    _write_json(out / REPORT_FILE, report)
+    report = clean_json(report)
+    write_json(out / REPORT_FILE, report)
     if json:
         print(_json.dumps(report, indent=2))
     else:
