@@ -151,8 +151,6 @@ def test_ontology_routes(served: Served) -> None:
 
 
 def test_every_route_but_probes_needs_a_key(served: Served) -> None:
-    spec = served.client.get("/openapi.json")
-    assert spec.status_code == 401 or spec.status_code == 200
     open_paths = {"/healthz", "/readyz", "/metrics"}
     for route in served.client.app.routes:  # type: ignore[attr-defined]
         path = getattr(route, "path", "")
