@@ -10,6 +10,7 @@ from kg.cli import app as ontology_app
 from models.cli import evaluate, train
 from service.apikey_cli import app as apikey_app
 from service.commands import predict, serve
+from service.doctor_cli import doctor
 
 app = typer.Typer(
     name="kgdx",
@@ -25,6 +26,7 @@ app.command("evaluate")(evaluate)
 app.add_typer(apikey_app, name="apikey")
 app.command("serve")(serve)
 app.command("predict")(predict)
+app.command("doctor")(doctor)
 
 
 def _version(value: bool) -> None:

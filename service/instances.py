@@ -9,7 +9,9 @@ file is removed again, so nothing is left half-written. The row insert also seri
 writers of the same SOP Instance UID (the primary key): the second one sees a duplicate.
 
 Re-sending an instance is idempotent: the first copy is kept, no row or file is added, and
-the outcome says whether the bytes were the same (see :class:`StoreOutcome`).
+the outcome says whether the bytes were the same (see :class:`StoreOutcome`). A faithful
+re-send (same SHA-256) of an instance whose file was lost or truncated puts the file back,
+which is how ``kgdx doctor`` tells an operator to repair it (:mod:`service.doctor`).
 
 The study worker reads the table: :meth:`InstanceStore.quiet_studies` names studies where
 nothing arrived for a while and some instance still waits for a job,
@@ -68,6 +70,7 @@ __all__ = [
     "InstanceStore",
     "StoreOutcome",
     "StudySummary",
+    "file_digest",
     "instances",
     "is_valid_uid",
 ]
@@ -197,14 +200,16 @@ class StoreOutcome:
 
     Args:
         status: ``"created"`` (new row and file) or ``"duplicate"`` (the SOP Instance UID
-            was already stored; nothing was added).
+            was already stored; no row was added).
         row: the stored row (for a duplicate: the first copy's).
         same_content: for a duplicate, whether the re-sent bytes equal the stored ones.
+        restored: for a faithful duplicate, whether it put back a lost or truncated file.
     """
 
     status: Literal["created", "duplicate"]
     row: InstanceRow
     same_content: bool = True
+    restored: bool = False
 
     @property
     def created(self) -> bool:
@@ -289,7 +294,7 @@ class InstanceStore:
         ident = InstanceIdentity.from_dataset(header)
         temp = Path(temp_path)
         if sha256 is None or size is None:
-            size, sha256 = _digest(temp)
+            size, sha256 = file_digest(temp)
         _fsync_file(temp)
         final = self.root / ident.relative_path
         inode = temp.stat().st_ino
@@ -331,9 +336,27 @@ class InstanceStore:
             if existing is None:
                 return StoreOutcome("created", InstanceRow(**values))
             row = _to_row(existing)
+            if row.sha256 == sha256 and self._restore(temp, row):
+                return StoreOutcome("duplicate", row, restored=True)
             temp.unlink(missing_ok=True)
             return StoreOutcome("duplicate", row, same_content=row.sha256 == sha256)
         raise RuntimeError("the instance row could neither be inserted nor read back")
+
+    def _restore(self, temp: Path, row: InstanceRow) -> bool:
+        """Put a faithful copy in place of a stored file that is gone or has the wrong size."""
+        try:
+            final = self.path_of(row)
+        except ValueError:
+            return False
+        try:
+            if final.stat().st_size == row.size:
+                return False
+        except FileNotFoundError:
+            pass
+        self._make_dirs(final.parent)
+        os.replace(temp, final)
+        _fsync_dir(final.parent)
+        return True
 
     def _make_dirs(self, folder: Path) -> None:
         missing: list[Path] = []
@@ -539,7 +562,8 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[i : i + size]
 
 
-def _digest(path: Path) -> tuple[int, str]:
+def file_digest(path: Path) -> tuple[int, str]:
+    """Size in bytes and hex SHA-256 of a file, read in blocks."""
     h = hashlib.sha256()
     size = 0
     with path.open("rb") as fh:

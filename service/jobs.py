@@ -93,6 +93,7 @@ __all__ = [
     "StoredSr",
     "job_srs",
     "jobs",
+    "owner_gone",
     "owner_id",
 ]
 
@@ -158,6 +159,16 @@ def owner_id() -> str:
     """This process as a job owner: ``host:pid:token`` (the token tells a restarted process
     with the same pid, as in a container, from its previous life)."""
     return f"{socket.gethostname()[:150]}:{os.getpid()}:{_TOKEN}"
+
+
+def owner_gone(owner: str | None, me: str) -> bool:
+    """Whether ``owner`` (``host:pid:token``) is a process of ``me``'s host that is gone: a
+    dead pid, or ``me``'s own pid in an earlier life. Owners on other hosts are never judged:
+    a pid means nothing there."""
+    host = me.rsplit(":", 2)[0]
+    if not owner or owner == me or not owner.startswith(f"{host}:"):
+        return False
+    return _owner_dead(owner, host)
 
 
 class LeaseLostError(RuntimeError):
@@ -597,7 +608,7 @@ class JobQueue:
                     jobs.c.state == "running", jobs.c.owner.like(f"{_escape_like(host)}:%", "\\")
                 )
             ).all()
-            dead = [r.id for r in rows if r.owner != me and _owner_dead(r.owner, host)]
+            dead = [r.id for r in rows if owner_gone(r.owner, me)]
             if not dead:
                 return 0
             return self._take_back(conn, jobs.c.id.in_(dead), self.clock())

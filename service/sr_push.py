@@ -34,6 +34,8 @@ import httpx
 import pydicom
 from pydicom.dataset import Dataset
 
+from service.failpoints import failpoint
+
 __all__ = [
     "PermanentPushError",
     "PushError",
@@ -139,6 +141,7 @@ def push_sr(
         extra["auth"] = httpx.BasicAuth(user, password or "")
     endpoint = url.rstrip("/") + "/studies"
     body = stow_body(data, boundary)
+    failpoint("sr_push.before_send")
     started = time.perf_counter()
     try:
         if client is None:
@@ -153,7 +156,9 @@ def push_sr(
     except httpx.TransportError as e:
         raise TransientPushError(f"STOW-RS request failed ({type(e).__name__})") from None
     elapsed = (time.perf_counter() - started) * 1e3
-    return _outcome(response, sop, elapsed)
+    outcome = _outcome(response, sop, elapsed)
+    failpoint("sr_push.after_send")
+    return outcome
 
 
 def _part10(sr: Dataset | bytes) -> tuple[bytes, str]:

@@ -76,6 +76,7 @@ from pydicom.uid import UID
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.errors import BadRequestError
+from service.failpoints import failpoint
 from service.instances import UID_MAX, InstanceIdentity, InstanceStore, is_valid_uid
 from service.logs import hash_uid
 from service.multipart import (
@@ -372,6 +373,8 @@ def process_part(part: SpooledPart, store: InstanceStore, study_uid: str | None)
         detail=(
             "stored"
             if outcome.created
+            else "already stored; its lost file put back"
+            if outcome.restored
             else "already stored" + ("" if outcome.same_content else " with other bytes")
         ),
     )
@@ -381,7 +384,13 @@ def _process_all(
     parts: list[SpooledPart], store: InstanceStore, study_uid: str | None
 ) -> list[InstanceResult]:
     try:
-        return [process_part(part, store, study_uid) for part in parts]
+        results = []
+        for part in parts:
+            results.append(process_part(part, store, study_uid))
+            if len(results) < len(parts):
+                failpoint("stow.mid_body")
+        failpoint("stow.before_response")
+        return results
     finally:
         remove_spooled(parts)
 

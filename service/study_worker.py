@@ -60,6 +60,7 @@ from models.errors import DataError
 from service.coding import ConceptCodes, coder_for
 from service.decode import DecodeLimits
 from service.errors import ServiceError
+from service.failpoints import failpoint
 from service.instances import InstanceStore
 from service.jobs import Job, JobQueue, LeaseLostError, owner_id
 from service.logs import hash_uid
@@ -256,6 +257,7 @@ class StudyWorker:
         stable = settings.stable_seconds
         studies = await asyncio.to_thread(self.instances.quiet_studies, stable, now)
         for study in studies:
+            failpoint("worker.before_enqueue")
             job_id = await asyncio.to_thread(self.queue.enqueue_study, study, stable_seconds=stable)
             if job_id is not None:
                 log.info("job queued", extra={"job_id": job_id, "study": hash_uid(study)})
@@ -311,6 +313,7 @@ class StudyWorker:
         try:
             scored = await self._score(job)
             if not job.result_ids:
+                failpoint("worker.results_stored")
                 ids = [s.result_id for s in scored]
                 await asyncio.to_thread(q.record_results, job.id, me, ids)
                 log.info("job %s: %d result(s) stored", job.id, len(ids), extra={"study": study})
@@ -408,6 +411,7 @@ class StudyWorker:
                 for _, image, _ in ready
             )
         )
+        failpoint("worker.inference")
         scored = []
         for (row, image, decode_ms), (item, timing) in zip(ready, answers, strict=True):
             rid = result_id_for(job.id, row.sop_instance_uid)
