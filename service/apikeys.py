@@ -198,7 +198,7 @@ class ApiKeyStore:
         stamp = now.isoformat(timespec="microseconds")
         cutoff = (now - LAST_USED_RESOLUTION).isoformat(timespec="microseconds")
         try:
-            with self.db.write() as conn:
+            with self.db.write(durable=False) as conn:  # bookkeeping: a lost stamp is harmless
                 conn.execute(
                     update(api_keys)
                     .where(

@@ -89,8 +89,9 @@ class AuditRecord:
 class AuditLog:
     """Append-only audit rows in ``svc_audit`` of a :class:`~service.db.ServiceDatabase`."""
 
-    def __init__(self, db: ServiceDatabase):
+    def __init__(self, db: ServiceDatabase, *, durable: bool = True):
         self.db = db
+        self.durable = durable  # flush each row to disk (see ServiceDatabase.write)
 
     def record(self, rec: AuditRecord) -> None:
         """Append one row stamped with the current time; never raises (logs a warning)."""
@@ -100,7 +101,7 @@ class AuditLog:
                 for k, v in rec.timings.items()
                 if isinstance(v, int | float) and math.isfinite(v)
             }
-            with self.db.write() as conn:
+            with self.db.write(durable=self.durable) as conn:
                 conn.execute(
                     audit.insert().values(
                         created_at=utcnow(),

@@ -13,7 +13,18 @@ is recorded in ``svc_meta``; a process refuses a database written by a newer sch
 Writes go through :meth:`ServiceDatabase.write`: on SQLite it begins with ``BEGIN IMMEDIATE``
 so a read-then-write transaction (claim a job, check a name then insert) cannot fail halfway
 with ``SQLITE_BUSY``; on PostgreSQL it is a plain transaction (use ``FOR UPDATE SKIP LOCKED``
-there to share work between replicas).
+there to share work between replicas). Writers of one process take turns on a lock before
+``BEGIN IMMEDIATE``, so they queue in order instead of polling SQLite's busy handler, which
+sleeps up to 100 ms between tries.
+
+Durability: ``write()`` flushes to disk before it returns (SQLite ``synchronous=FULL``,
+PostgreSQL ``synchronous_commit=on``): what STOW-RS acknowledges to a PACS and the job queue
+need that. ``write(durable=False)`` skips the flush (SQLite ``synchronous=NORMAL`` under WAL,
+PostgreSQL ``synchronous_commit=off``): the transaction still survives a crash of the process
+(SIGKILL), and the database is never corrupted, but a power cut or kernel crash may lose the
+last such commits. That costs microseconds instead of a few milliseconds of fsync per
+request, so the per-request result and audit writes of ``/v1/predict`` use it unless the
+operator sets ``KGDX_DURABLE_RESULTS=true``.
 
 Example::
 
@@ -203,8 +214,9 @@ def make_engine(url: str | None = None) -> Engine:
     """An engine for ``url`` (``None``: :func:`kg.home.default_db_url`), tuned per backend.
 
     SQLite: WAL journal, foreign keys on, a busy timeout, usable from any thread, and
-    ``BEGIN IMMEDIATE`` for connections with the ``kgdx_write`` execution option; an
-    in-memory database is one shared connection. PostgreSQL: psycopg 3 with
+    ``BEGIN IMMEDIATE`` for connections with the ``kgdx_write`` execution option, no
+    pre-ping (a file does not go away like a server); an in-memory database is one shared
+    connection. PostgreSQL: psycopg 3 with
     ``pool_pre_ping`` so a restarted server does not fail the next request. Bound parameters
     are hidden from error messages and logs on both, as they may hold hashes or names.
     """
@@ -225,7 +237,6 @@ def make_engine(url: str | None = None) -> Engine:
         engine = create_engine(
             u,
             connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False},
-            pool_pre_ping=True,
             hide_parameters=True,
         )
 
@@ -246,7 +257,12 @@ def make_engine(url: str | None = None) -> Engine:
         # A write takes the write lock up front: under WAL a deferred transaction that read
         # first fails with SQLITE_BUSY on its first write if another writer came in between,
         # without waiting for the busy timeout.
-        write = conn.get_execution_options().get("kgdx_write", False)
+        options = conn.get_execution_options()
+        write = options.get("kgdx_write", False)
+        if write and not memory:
+            # Outside a transaction, per connection: each write says how durable it must be.
+            sync = "FULL" if options.get("kgdx_durable", True) else "NORMAL"
+            conn.exec_driver_sql(f"PRAGMA synchronous = {sync}")
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
@@ -269,10 +285,14 @@ class ServiceDatabase:
         self.engine: Engine = engine if engine is not None else make_engine(url)
         self.dialect: str = self.engine.dialect.name
         database = self.engine.url.database or ""
+        sqlite = self.dialect == "sqlite"
         # One shared connection behind an in-memory SQLite: take turns with it.
         self._memory_lock: threading.RLock | None = (
-            threading.RLock() if self.dialect == "sqlite" and database in ("", ":memory:")
-            else None
+            threading.RLock() if sqlite and database in ("", ":memory:") else None
+        )
+        # SQLite has one writer at a time: this process's writers queue here, in order.
+        self._write_lock: threading.RLock | None = (
+            threading.RLock() if sqlite and self._memory_lock is None else None
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -305,12 +325,27 @@ class ServiceDatabase:
             yield conn
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A connection in a write transaction, committed on success, rolled back on error."""
-        with self._turn(), self.engine.connect() as conn:
-            conn = conn.execution_options(kgdx_write=True)
+    def write(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A connection in a write transaction, committed on success, rolled back on error.
+
+        Args:
+            durable: flush the commit to disk before returning (see the module docstring);
+                ``False`` keeps it crash-safe but may lose it to a power cut.
+        """
+        with self._turn(), self._writer_turn(), self.engine.connect() as conn:
+            conn = conn.execution_options(kgdx_write=True, kgdx_durable=durable)
             with conn.begin():
+                if not durable and self.dialect == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield conn
+
+    @contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        if self._write_lock is None:
+            yield
+            return
+        with self._write_lock:
+            yield
 
     @contextmanager
     def _turn(self) -> Iterator[None]:
@@ -379,9 +414,7 @@ class ServiceDatabase:
         """Record ``value`` under ``key`` unless one is there; returns the value that is."""
         try:
             with self.write() as conn:
-                found = conn.execute(
-                    select(svc_meta.c.value).where(svc_meta.c.key == key)
-                ).scalar()
+                found = conn.execute(select(svc_meta.c.value).where(svc_meta.c.key == key)).scalar()
                 if found is not None:
                     return str(found)
                 conn.execute(svc_meta.insert().values(key=key, value=value))

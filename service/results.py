@@ -84,8 +84,9 @@ class ResultStore:
         ValueError: when this process hashes UIDs with another salt than the stored data.
     """
 
-    def __init__(self, db: ServiceDatabase):
+    def __init__(self, db: ServiceDatabase, *, durable: bool = True):
         self.db = db
+        self.durable = durable  # flush each result to disk (see ServiceDatabase.write)
         db.check_uid_salt()
 
     def put(
@@ -130,7 +131,7 @@ class ResultStore:
                     "store a downsized copy"
                 )
         try:
-            with self.db.write() as conn:
+            with self.db.write(durable=self.durable) as conn:
                 conn.execute(
                     results.insert().values(
                         id=rid,

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, le=256)  # intra-op threads; None = torch's
     max_stow_bytes: int = Field(4 * 2**30, ge=1024)  # one STOW-RS body -> 413 beyond
     max_stow_parts: int = Field(10_000, ge=1)  # instances in one STOW-RS body
+    # fsync each /v1/predict result and audit row; else crash-safe, but a power cut may lose
+    # the last few (see service/db.py). STOW-RS acknowledgements and jobs are always flushed.
+    durable_results: bool = False
     max_upload_bytes: int = Field(50 * 2**20, ge=1024)  # larger uploads -> 413
     max_pixels: int = Field(60_000_000, ge=1024)  # width x height limit, checked before decoding
     min_image_side: int = Field(16, ge=1)  # smaller images -> 422

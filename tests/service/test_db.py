@@ -195,3 +195,44 @@ def test_handed_in_engine_stays_open(tmp_home: Path) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT 1").scalar() == 1
     engine.dispose()
+
+
+def test_writes_flush_unless_told_not_to(db: ServiceDatabase) -> None:
+    """``write()`` is flushed to disk at commit; ``write(durable=False)`` is only crash-safe."""
+    if db.dialect == "sqlite":
+        query, flushed, relaxed = "PRAGMA synchronous", 2, 1  # FULL, NORMAL
+    else:  # durable writes keep the server's setting (the test server's may be off)
+        query, relaxed = "SHOW synchronous_commit", "off"
+        with db.read() as conn:
+            flushed = conn.exec_driver_sql(query).scalar()
+    with db.write() as conn:
+        assert conn.exec_driver_sql(query).scalar() == flushed
+    with db.write(durable=False) as conn:
+        assert conn.exec_driver_sql(query).scalar() == relaxed
+    with db.write() as conn:  # the relaxed setting does not stick to a pooled connection
+        assert conn.exec_driver_sql(query).scalar() == flushed
+
+
+def test_writers_of_one_process_take_turns(tmp_home: Path) -> None:
+    """Many threads writing at once all commit, in turn, none failing busy."""
+    db = ServiceDatabase()
+    db.create_all()
+    store = ResultStore(db, durable=False)
+    errors: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            for _ in range(10):
+                store.put({"findings": []})
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with db.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM svc_results")).scalar() == 80
+    db.close()
