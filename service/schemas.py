@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -12,6 +14,21 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+#: What any route behind an API key may answer: no or an invalid key (401), a key without
+#: the route's scope (403), the key's rate limit (429).
+KEY_ERRORS = (401, 403, 429)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=``: each of ``statuses`` answers an :class:`ErrorResponse`.
+
+    Every status a route can answer is declared with its body, so that clients (and the API
+    fuzzer, ``bench/fuzz_api.py``) can rely on the OpenAPI document; FastAPI's own 422
+    schema is replaced, as the error handlers answer validation errors with this body too.
+    """
+    return {status: {"model": ErrorResponse} for status in sorted(set(statuses))}
 
 
 class ConceptRef(BaseModel):

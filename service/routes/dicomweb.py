@@ -32,7 +32,7 @@ from service.deps import IngestKey, State
 from service.errors import BadRequestError, NotReadyError, PayloadTooLargeError
 from service.instances import InstanceStore, StudySummary
 from service.logs import hash_uid
-from service.schemas import ErrorResponse
+from service.schemas import KEY_ERRORS, error_responses
 from service.stow import DICOM_JSON, limits_from_settings, stow
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
@@ -46,12 +46,35 @@ _STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {**_DICOM_JSON_CONTENT, "description": "All instances stored"},
     202: {**_DICOM_JSON_CONTENT, "description": "Some stored; failures or warnings"},
     409: {**_DICOM_JSON_CONTENT, "description": "No instance stored"},
-    **{code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 429, 503)},
+    # 422: a request FastAPI's validation refuses (answered with the error body too).
+    **error_responses(*KEY_ERRORS, 400, 413, 415, 422, 503),
+}
+#: The STOW-RS body, declared for clients and API fuzzers (the route reads the raw stream).
+_STOW_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "DICOM Part 10 instances, one per part; the Content-Type must be "
+            '`multipart/related; type="application/dicom"; boundary=...`'
+        ),
+        "content": {
+            "multipart/related": {
+                "schema": {
+                    "type": "array",
+                    "items": {
+                        "type": "string",
+                        "format": "binary",
+                        "contentMediaType": "application/dicom",
+                    },
+                }
+            }
+        },
+    }
 }
 _QIDO_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {**_DICOM_JSON_CONTENT, "description": "Matching studies"},
     204: {"description": "No matching study"},
-    **{code: {"model": ErrorResponse} for code in (400, 401, 403, 429)},
+    **error_responses(*KEY_ERRORS, 400),
 }
 
 _STUDY_UID_KEYS = ("StudyInstanceUID", "0020000D")
@@ -92,13 +115,20 @@ async def _store(request: Request, state: State, study_uid: str | None) -> Respo
     )
 
 
-@router.post("/studies", response_class=Response, responses=_STOW_RESPONSES)
+@router.post(
+    "/studies", response_class=Response, responses=_STOW_RESPONSES, openapi_extra=_STOW_BODY
+)
 async def store_instances(request: Request, state: State, _key: IngestKey) -> Response:
     """Store the DICOM instances of a ``multipart/related; type="application/dicom"`` body."""
     return await _store(request, state, None)
 
 
-@router.post("/studies/{study_uid}", response_class=Response, responses=_STOW_RESPONSES)
+@router.post(
+    "/studies/{study_uid}",
+    response_class=Response,
+    responses=_STOW_RESPONSES,
+    openapi_extra=_STOW_BODY,
+)
 async def store_study_instances(
     study_uid: str, request: Request, state: State, _key: IngestKey
 ) -> Response:

@@ -10,13 +10,19 @@ from starlette.concurrency import run_in_threadpool
 from kg.paths import MAX_HOPS_LIMIT, PathFinder
 from service.deps import PredictKey, ReadyState, State
 from service.errors import NotFoundError, ServiceError
-from service.schemas import ConceptDetail, ErrorResponse, OntologyList, PathList
+from service.schemas import (
+    KEY_ERRORS,
+    ConceptDetail,
+    OntologyList,
+    PathList,
+    error_responses,
+)
 
 router = APIRouter(prefix="/v1", tags=["ontology"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422)
-}
+_ERRORS = error_responses(*KEY_ERRORS, 400, 404, 422)
+#: Routes over the serving ontology also answer 503 while the model loads or drains.
+_READY_ERRORS = error_responses(*KEY_ERRORS, 400, 404, 422, 503)
 
 
 @router.get("/ontologies", response_model=OntologyList, responses=_ERRORS)
@@ -43,7 +49,7 @@ async def ontologies(state: State, _key: PredictKey) -> dict[str, Any]:
     }
 
 
-@router.get("/concepts/{concept_id}", response_model=ConceptDetail, responses=_ERRORS)
+@router.get("/concepts/{concept_id}", response_model=ConceptDetail, responses=_READY_ERRORS)
 async def concept(concept_id: str, state: ReadyState, _key: PredictKey) -> dict[str, Any]:
     """One concept of the serving ontology, with its relations."""
     assert state.store is not None and state.graph is not None and state.predictor is not None
@@ -69,7 +75,7 @@ async def concept(concept_id: str, state: ReadyState, _key: PredictKey) -> dict[
     }
 
 
-@router.get("/paths", response_model=PathList, responses=_ERRORS)
+@router.get("/paths", response_model=PathList, responses=_READY_ERRORS)
 async def paths(
     state: ReadyState,
     _key: PredictKey,

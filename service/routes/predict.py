@@ -15,13 +15,11 @@ from service.deps import PredictKey, ReadyState
 from service.errors import PayloadTooLargeError, UnprocessableImageError
 from service.logs import hash_uid
 from service.pipeline import PredictOptions, PredictRequest, decode, respond, thumbnail_png
-from service.schemas import ErrorResponse, PredictResponse
+from service.schemas import KEY_ERRORS, PredictResponse, error_responses
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 503, 504)
-}
+_ERRORS = error_responses(*KEY_ERRORS, 400, 413, 415, 422, 503, 504)
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS)

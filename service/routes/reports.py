@@ -27,7 +27,7 @@ from service.deps import PredictKey, State
 from service.errors import NotFoundError, ServiceError
 from service.fhir import FHIR_MEDIA_TYPE, build_fhir
 from service.results import StoredResult
-from service.schemas import ErrorResponse
+from service.schemas import KEY_ERRORS, error_responses
 from service.sr import build_sr, derive_uid, sr_bytes
 from service.state import AppState
 
@@ -42,13 +42,12 @@ SR_SOURCE_KEY = "sr_source"
 SourceFinder = Callable[[StoredResult], Dataset | None]
 _CODERS_KEY = "reports.concept_coders"
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 422)
-}
+_ERRORS = error_responses(*KEY_ERRORS, 404, 422)
 _ID_PATTERN = (
     r"^(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
     r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
 )
+_PATIENT_PATTERN = r"^[^\s\x00-\x1f\x7f]+$"
 ResultId = Annotated[
     str, Path(pattern=_ID_PATTERN, description="Result id: 32 hex digits or a dashed UUID")
 ]
@@ -86,7 +85,9 @@ async def get_fhir(
         str | None,
         Query(
             max_length=256,
-            pattern=r"^\S+$",
+            # No blanks or control characters. Spelled out: the route's check (Rust regex)
+            # and build_fhir's (Python re) disagree on whether \x1c-\x1f are blanks (\s).
+            pattern=_PATIENT_PATTERN,
             description="The EHR's patient reference for subject, e.g. Patient/123",
         ),
     ] = None,

@@ -11,13 +11,11 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import PredictKey, State
 from service.errors import NotFoundError, ServiceError
 from service.overlay import heatmap_overlay_png
-from service.schemas import ErrorResponse, PredictResponse
+from service.schemas import KEY_ERRORS, PredictResponse, error_responses
 
 router = APIRouter(prefix="/v1/results", tags=["results"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 422)
-}
+_ERRORS = error_responses(*KEY_ERRORS, 404, 422)
 
 
 def _payload(state: State, result_id: str) -> dict[str, Any]:

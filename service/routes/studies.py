@@ -30,14 +30,12 @@ from service.instances import InstanceRow, InstanceStore
 from service.jobs import Job, JobQueue, StoredSr
 from service.logs import hash_uid
 from service.results import StoredResult
-from service.schemas import ErrorResponse, PredictResponse
+from service.schemas import KEY_ERRORS, PredictResponse, error_responses
 from service.state import AppState
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 422)
-}
+_ERRORS = error_responses(*KEY_ERRORS, 404, 422)
 
 #: DICOM UI syntax (digits and dots, at most 64 characters); leading zeros in a component
 #: are tolerated because real archives hold such UIDs.

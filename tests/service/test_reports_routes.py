@@ -163,3 +163,13 @@ def test_errors(served: Served, kind: str) -> None:
         body = _predict(served)
         r = c.get(f"/v1/results/{body['id']}/fhir?patient=a%20b", headers=served.auth())
         assert r.status_code == 422
+
+
+@pytest.mark.parametrize("patient", ["%1D", "P%04x", "Patient/1%7F", "%1F%1C"])
+def test_fhir_patient_with_control_characters_is_422(served: Served, patient: str) -> None:
+    # Found by bench/fuzz_api.py: 0x1c-0x1f passed the route's \S (Rust regex) but not
+    # build_fhir's (Python re), a 500.
+    body = _predict(served)
+    r = served.client.get(f"/v1/results/{body['id']}/fhir?patient={patient}", headers=served.auth())
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
