@@ -70,6 +70,7 @@ MAX_PADDING = 1024
 HEAD_BYTES = 64 * 1024
 
 _CRLF = b"\r\n"
+_OWS = " \t"
 
 
 @dataclass(frozen=True)
@@ -325,14 +326,16 @@ def _parse_headers(block: bytes, number: int) -> dict[str, str]:
     last: str | None = None
     for line in block.split(_CRLF) if block else []:
         text = line.decode("latin-1")
+        # Only spaces and tabs are blanks around a value (RFC 7230 OWS); str.strip() would
+        # also eat bytes such as 0x1F or 0xA0 that belong to it.
         if text[:1] in (" ", "\t") and last is not None:  # obsolete line folding
-            headers[last] += " " + text.strip()
+            headers[last] += " " + text.strip(_OWS)
             continue
         name, sep, value = text.partition(":")
-        name = name.strip().lower()
-        if not sep or not name or any(c in name for c in " \t"):
+        name = name.strip(_OWS).lower()
+        if not sep or not name or any(c in name for c in _OWS):
             raise BadRequestError(f"part {number} has a malformed header line")
-        headers[name] = value.strip()
+        headers[name] = value.strip(_OWS)
         last = name
     return headers
 
