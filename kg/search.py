@@ -161,6 +161,8 @@ class SqliteSearch:
     @staticmethod
     def insert(conn: Connection, version_id: int, rows: Sequence[NameRow], seq: int) -> None:
         """Add names; ``seq`` numbers the first one (names saved before it in the version)."""
+        if not rows:  # concepts without labels or synonyms: nothing to index (and the
+            return  # driver refuses an executemany of no rows)
         table = fts_table_name(version_id)
         # FTS5 flushes its pending terms whenever a rowid is lower than the one before, so
         # a chunk goes in sorted: one flush per chunk instead of one per row.
