@@ -17,7 +17,7 @@ from kg.loaders.edgelist import parse_edgelist
 from kg.loaders.obo import parse_obo
 from kg.loaders.obojson import parse_obojson
 from kg.loaders.owl import parse_owl
-from kg.loaders.textfile import Progress, check_file
+from kg.loaders.textfile import Progress, binary_error, check_file
 from kg.ontology import Ontology
 from kg.validate import validate
 
@@ -58,10 +58,9 @@ def detect_format(path: Path) -> str:
     check_file(path)
     with path.open("rb") as f:
         head = f.read(4096)
-    if b"\x00" in head:
-        raise OntologyFormatError(
-            "binary data (NUL byte); not a text ontology file", path=str(path)
-        )
+    error = binary_error(head, path)
+    if error is not None:
+        raise error
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     first_line = text.split("\n", 1)[0].strip()
     if text.startswith("<"):

@@ -37,14 +37,9 @@ def check_bytes(data: bytes, path: Path, *, offset: int = 0, first_line: int = 1
 
     ``offset`` and ``first_line`` place the block in the file for the error message.
     """
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        line = first_line + data.count(b"\n", 0, nul)
-        raise OntologyFormatError(
-            f"binary data (NUL byte at byte offset {offset + nul}); not a text ontology file",
-            path=str(path),
-            line=line,
-        )
+    error = binary_error(data, path, offset=offset, first_line=first_line)
+    if error is not None:
+        raise error
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -55,6 +50,47 @@ def check_bytes(data: bytes, path: Path, *, offset: int = 0, first_line: int = 1
             path=str(path),
             line=line,
         ) from None
+
+
+def binary_error(
+    data: bytes, path: Path, *, offset: int = 0, first_line: int = 1
+) -> OntologyFormatError | None:
+    """The error for a block holding a NUL byte, or None: UTF-16 / UTF-32 text (by its byte
+    order mark, or ASCII with every other byte NUL) is named as such, anything else is
+    binary data. ``offset`` and ``first_line`` place the block in the file."""
+    nul = data.find(b"\x00")
+    if nul < 0:
+        return None
+    encoding = _wide_encoding(data) if offset == 0 else None
+    if encoding is not None:
+        return OntologyFormatError(
+            f"the file is {encoding} text; ontology files must be UTF-8 "
+            f"(convert it, e.g. iconv -f {encoding} -t UTF-8)",
+            path=str(path),
+            line=1,
+        )
+    return OntologyFormatError(
+        f"binary data (NUL byte at byte offset {offset + nul}); not a text ontology file",
+        path=str(path),
+        line=first_line + data.count(b"\n", 0, nul),
+    )
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """``"UTF-16"`` or ``"UTF-32"`` when a file's first bytes are text in that encoding."""
+    for bom, name in (
+        (codecs.BOM_UTF32_LE, "UTF-32"),  # before UTF-16 LE, whose BOM starts it
+        (codecs.BOM_UTF32_BE, "UTF-32"),
+        (codecs.BOM_UTF16_LE, "UTF-16"),
+        (codecs.BOM_UTF16_BE, "UTF-16"),
+    ):
+        if head.startswith(bom):
+            return name
+    sample = head[:64]
+    half = len(sample) // 2
+    if half >= 4 and (sample[1::2].count(0) == half or sample[0::2].count(0) == half):
+        return "UTF-16"  # ASCII written as UTF-16 without a byte order mark
+    return None
 
 
 def iter_line_blocks(
