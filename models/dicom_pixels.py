@@ -97,7 +97,12 @@ def dicom_to_array(ds: Dataset, frame: int = 0, voi_index: int = 0) -> np.ndarra
 
 def _grayscale(arr: np.ndarray, ds: Dataset, voi_index: int) -> np.ndarray:
     """Modality LUT then VOI, scaled to [0, 1]. Shapes: (H, W) -> (H, W) float64."""
-    values = apply_modality_lut(arr, ds)
+    try:
+        values = apply_modality_lut(arr, ds)
+    except Exception as e:  # a Rescale Slope / Intercept that is not a number, a broken LUT
+        raise DataError(
+            f"invalid Modality LUT or Rescale Slope / Intercept ({type(e).__name__})"
+        ) from e
     voi_range = _voi_output_range(ds)
     if voi_range is not None:
         if ds.get("VOILUTSequence") and values.dtype.kind == "f":

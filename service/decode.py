@@ -466,8 +466,10 @@ def _decode_dicom(data: bytes, limits: DecodeLimits, notes: list[str]) -> Decode
     try:
         pixels = dicom_to_array(ds, frame=0)
     except DataError as e:
+        # The reason may list each decoder's complaint (pydicom tries every plugin).
+        reason = _reason(e, limit=400).removeprefix("cannot decode DICOM pixel data: ")
         raise UnprocessableImageError(
-            f"cannot decode DICOM pixel data ({tsuid.name}): {_reason(e)}"
+            f"cannot decode DICOM pixel data ({tsuid.name}): {reason}"
         ) from None
     if pixels.shape != (rows, cols):
         raise UnprocessableImageError(
@@ -608,8 +610,14 @@ def _sop_class(ds: Dataset) -> str:
 
 
 def _reason(e: BaseException, limit: int = 160) -> str:
-    """The first line of an exception message, shortened (no traceback, no dumps)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """The first line of an exception message, shortened (no traceback, no dumps); a first
+    line that ends in a colon heads a list (one line per decoder), which is joined to it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {'; '.join(lines[1:])}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
