@@ -102,6 +102,7 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        timeout_keep_alive=int(settings.keep_alive_s),
     )
 
 

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
     drain_timeout_s: float = Field(30.0, ge=0)  # graceful shutdown budget
+    # Idle keep-alive connections are closed after this long. Longer than clients' own idle
+    # limits (httpx 5 s, curl and proxies 60 s), so a client never sends on a connection
+    # the server is closing at that moment (the request would be reset, not answered).
+    keep_alive_s: float = Field(75.0, ge=1.0, le=3600.0)
     # -- study jobs: DICOMweb ingest -> selection -> inference -> SR -> push (service.jobs)
     stable_seconds: float = Field(5.0, ge=0.0, le=86400.0)  # study quiet this long -> a job
     worker_poll_s: float = Field(1.0, gt=0.0, le=60.0)  # how often the study worker looks
