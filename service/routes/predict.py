@@ -7,12 +7,16 @@ import json
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.decode import DecodeLimits
 from service.deps import PredictKey, ReadyState
-from service.errors import PayloadTooLargeError, UnprocessableImageError
+from service.errors import (
+    PayloadTooLargeError,
+    UnprocessableImageError,
+    UnsupportedMediaTypeError,
+)
 from service.logs import hash_uid
 from service.pipeline import PredictOptions, PredictRequest, decode, respond, thumbnail_png
 from service.schemas import KEY_ERRORS, PredictResponse, error_responses
@@ -22,11 +26,23 @@ router = APIRouter(prefix="/v1", tags=["predict"])
 _ERRORS = error_responses(*KEY_ERRORS, 400, 413, 415, 422, 503, 504)
 
 
+def require_form_upload(request: Request) -> None:
+    """415 for a body that is not ``multipart/form-data`` (a bare image, JSON), which would
+    otherwise be answered as a form that lacks its ``file`` field."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "multipart/form-data":
+        got = repr(media_type[:100]) if media_type else "no Content-Type"
+        raise UnsupportedMediaTypeError(
+            f"send the image as multipart/form-data in the field 'file', not {got}"
+        )
+
+
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
 async def predict(
     request: Request,
     state: ReadyState,
     _key: PredictKey,
+    _form: Annotated[None, Depends(require_form_upload)],
     file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM image")],
     text: Annotated[str | None, Form(max_length=4000, description="Clinical indication")] = None,
     threshold: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
