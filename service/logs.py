@@ -9,7 +9,9 @@ attributes. :class:`PhiFilter` on the handler is the last line of defence: it re
 can recognise (``PatientName=...``, ``PatientID``, ``PatientBirthDate``, ``AccessionNumber``,
 pydicom dataset lines and DICOM JSON of the patient group, ``Doe^John``-style person names,
 clear DICOM UIDs after a UID keyword or in a ``/studies/<uid>`` path (replaced by their hash),
-and API keys, kept only down to their public key id).
+API keys, kept only down to their public key id, and the values that pydicom's and
+Python's own messages quote, e.g. ``Invalid value for VR DA: '...'``). Python warnings are
+routed through it too (:func:`logging.captureWarnings`).
 
 Example::
 
@@ -144,6 +146,17 @@ _CLEAR_UID = re.compile(
     r"(?P<uid>[0-9]+(?:\.[0-9]+){2,})",
     re.IGNORECASE,
 )
+# Library messages that quote the offending value, which may be any attribute of the patient:
+# pydicom's "Invalid value for VR DA: '1970-01-0x'.", "Unable to convert '...' to 'DA'
+# object", 'Value "..." is not valid for elements with a VR of IS', and Python's own
+# "invalid literal for int() with base 10: '...'", "could not convert string to float: '...'",
+# "time data '...' does not match format".
+_VALUE_ECHO = re.compile(
+    r"(?P<key>\bInvalid value for VR [A-Z]{2}: |\bUnable to convert |\bValue |"
+    r"\binvalid literal for \w+\(\) with base \d+: |\bcould not convert \w+ to \w+: |"
+    r"\btime data )"
+    rf"(?:{_QUOTED})"
+)
 # DICOMweb and REST paths: /v1/studies/1.2.840..., /dicomweb/studies/.../series/...
 _PATH_UID = re.compile(r"(?P<key>/(?:studies|series|instances)/)(?P<uid>[0-9]+(?:\.[0-9]+){2,})")
 _PHI_FIELD = re.compile(rf"^(?:{_PHI_KEYWORDS})$", re.IGNORECASE)
@@ -154,6 +167,7 @@ def redact(text: str) -> str:
     if not text:
         return text
     text = _API_KEY.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _VALUE_ECHO.sub(lambda m: m.group("key") + REDACTED, text)
     text = _DICOM_JSON.sub(lambda m: m.group("key") + f'"{REDACTED}"', text)
     text = _PYDICOM_LINE.sub(lambda m: m.group("key") + " " + REDACTED, text)
     text = _PYDICOM_NAMED.sub(lambda m: m.group("key") + REDACTED, text)
@@ -178,9 +192,12 @@ def _redact_value(key: str, value: Any, depth: int = 0) -> Any:
 
 
 # Attributes every LogRecord has; anything else on a record came in through ``extra=``.
-_STANDARD_ATTRS = frozenset(
-    logging.LogRecord("", 0, "", 0, "", None, None).__dict__
-) | {"message", "asctime", "request_id", "taskName"}
+_STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+    "taskName",
+}
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -275,3 +292,6 @@ def configure_logging(level: str = "INFO", json_format: bool = True) -> None:
     )
     root.addHandler(handler)
     root.setLevel(name)
+    # Library warnings (pydicom quotes the invalid value of any attribute, the patient's
+    # birth date included) would go to stderr unfiltered; as records they pass PhiFilter.
+    logging.captureWarnings(True)

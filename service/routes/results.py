@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import PredictKey, State
 from service.errors import NotFoundError, ServiceError
 from service.overlay import heatmap_overlay_png
+from service.routes.reports import ResultId
 from service.schemas import KEY_ERRORS, PredictResponse, error_responses
 
 router = APIRouter(prefix="/v1/results", tags=["results"])
@@ -28,7 +29,7 @@ def _payload(state: State, result_id: str) -> dict[str, Any]:
 
 
 @router.get("/{result_id}", response_model=PredictResponse, responses=_ERRORS)
-async def get_result(result_id: str, state: State, _key: PredictKey) -> dict[str, Any]:
+async def get_result(result_id: ResultId, state: State, _key: PredictKey) -> dict[str, Any]:
     """A stored prediction, exactly as ``POST /v1/predict`` answered it."""
     return await run_in_threadpool(_payload, state, result_id)
 
@@ -39,7 +40,7 @@ async def get_result(result_id: str, state: State, _key: PredictKey) -> dict[str
     responses={**_ERRORS, 200: {"content": {"image/png": {}}}},
 )
 async def overlay(
-    result_id: str,
+    result_id: ResultId,
     state: State,
     _key: PredictKey,
     finding: Annotated[
