@@ -92,6 +92,10 @@ def parse_obojson(
         raise OntologyFormatError(
             f"invalid JSON: {e.msg} (column {e.colno})", path=where, line=e.lineno
         ) from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise OntologyFormatError(
+            "invalid JSON: nested too deeply (not an OBO Graphs document)", path=where
+        ) from None
     del text
     try:
         onto = _read_document(doc, path, name)
