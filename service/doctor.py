@@ -377,10 +377,13 @@ class _Doctor:
                     instances.c.sha256 == row.sha256,
                 )
             ).rowcount
+        if not gone:  # changed since we looked (a re-send put the file back): leave it
+            return
+        path = self.store.root / row.path
         if check == "instance-file-damaged":
-            (self.store.root / row.path).unlink(missing_ok=True)
-            _prune_dirs((self.store.root / row.path).parent, self.store.root)
-        finding.repaired = bool(gone)
+            path.unlink(missing_ok=True)
+        _prune_dirs(path.parent, self.store.root)
+        finding.repaired = True
         finding.action = "row dropped" + (", damaged file removed" if "damaged" in check else "")
 
     def check_orphans(self) -> None:

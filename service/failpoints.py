@@ -16,8 +16,8 @@ never comes.
 The points (:data:`POINTS`):
 
 ========================  ========================================================================
-stow.mid_body             STOW-RS: a part of a multi-part body is stored, later parts are not;
-                          no answer went out.
+stow.mid_body             STOW-RS: the first part of a multi-part body is handled (stored when
+                          valid), the later ones are still spool files; no answer went out.
 stow.before_response      STOW-RS: every part is stored; no answer went out.
 worker.before_enqueue     The study is quiet and about to become a job (its instances were
                           acknowledged); no job row yet.
@@ -47,7 +47,7 @@ ENV = "KGDX_FAILPOINTS"
 
 #: Every fail point and where it sits.
 POINTS: dict[str, str] = {
-    "stow.mid_body": "STOW-RS: some parts of the body stored, not all; no answer sent",
+    "stow.mid_body": "STOW-RS: the first part of a body handled, the others not; no answer sent",
     "stow.before_response": "STOW-RS: every part stored; no answer sent",
     "worker.before_enqueue": "a quiet study is about to become a job",
     "worker.inference": "a claimed job is scored; no result written",
