@@ -963,6 +963,7 @@ def test_path_parameters_cannot_escape(default: Served, tmp_path: Path) -> None:
     assert files_under(tmp_path) == before
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom, on the planted UIDs
 @pytest.mark.parametrize(
     ("attribute", "value"),
     [
