@@ -795,10 +795,15 @@ def _normalize_url(url: str) -> URL:
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
         raise KgError(f"ontology name must be a non-empty string, got {name!r}")
-    if name != name.strip() or "@" in name or len(name) > schema.NAME_MAX:
+    if (
+        name != name.strip()
+        or "@" in name
+        or not name.isprintable()  # control characters would reach terminals and logs
+        or len(name) > schema.NAME_MAX
+    ):
         raise KgError(
-            f"ontology name must have no '@', no surrounding spaces and at most "
-            f"{schema.NAME_MAX} characters, got {name!r}"
+            f"ontology name must have no '@', no control characters, no surrounding spaces "
+            f"and at most {schema.NAME_MAX} characters, got {name!r}"
         )
     return name
 
