@@ -126,6 +126,13 @@ def test_configure_twice_keeps_one_handler(capsys: pytest.CaptureFixture[str]) -
         (f"x-api-key: {KEY}", SECRET),
         ("sop_instance_uid=1.2.3.4.5", "1.2.3.4.5"),
         ('"GET /dicomweb/studies/1.2.840.1/series/1.2.840.2 HTTP/1.1" 200', "1.2.840."),
+        # values quoted by pydicom's and Python's own messages
+        ("UserWarning: Invalid value for VR DA: 'QZ7X0417'.", "QZ7X0417"),
+        ("ValueError: Unable to convert 'QZ7X0417' to 'DA' object", "QZ7X0417"),
+        ('Value "12ab" is not valid for elements with a VR of IS', "12ab"),
+        ("invalid literal for int() with base 10: 'QZ7X'", "QZ7X"),
+        ("could not convert string to float: 'Smith'", "Smith"),
+        ("time data '1970-13-99' does not match format '%Y%m%d'", "1970-13-99"),
     ],
 )
 def test_redact_patterns(text: str, gone: str) -> None:
