@@ -103,5 +103,6 @@ def _print(report: DoctorReport) -> None:
     for f in report.findings:
         tag = "note" if not f.problem else "repaired" if f.repaired else "problem"
         action = f" -> {f.action}" if f.action else " (no automatic repair)" if f.problem else ""
-        out.print(f"{tag:8s} {f.check}: {f.subject}: {f.detail}{action}")
-    out.print(report.summary())
+        # One line per finding, unwrapped, so that it can be grepped.
+        out.print(f"{tag:8s} {f.check}: {f.subject}: {f.detail}{action}", soft_wrap=True)
+    out.print(report.summary(), soft_wrap=True)
