@@ -77,6 +77,39 @@ _QIDO_RESPONSES: dict[int | str, dict[str, Any]] = {
     **error_responses(*KEY_ERRORS, 400),
 }
 
+#: The QIDO-RS query, declared for clients and API fuzzers (the route reads the raw query,
+#: where each matching key may also be given by its tag).
+_QIDO_QUERY: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": description,
+            "schema": schema,
+        }
+        for name, schema, description in (
+            (
+                "StudyInstanceUID",
+                {"type": "string"},
+                "UIDs to match, comma-separated (also as 0020000D)",
+            ),
+            (
+                "ModalitiesInStudy",
+                {"type": "string"},
+                "Modalities to match, comma-separated (also as 00080061)",
+            ),
+            (
+                "limit",
+                {"type": "integer", "minimum": 1, "default": 100},
+                "Most studies to list; larger values are clamped to 1000",
+            ),
+            ("offset", {"type": "integer", "minimum": 0, "default": 0}, "Studies to skip"),
+            ("includefield", {"type": "string"}, "Accepted and ignored"),
+            ("fuzzymatching", {"type": "string"}, "Accepted and ignored"),
+        )
+    ]
+}
 _STUDY_UID_KEYS = ("StudyInstanceUID", "0020000D")
 _MODALITY_KEYS = ("ModalitiesInStudy", "00080061")
 _IGNORED_KEYS = {"includefield", "fuzzymatching", "limit", "offset"}
@@ -136,7 +169,9 @@ async def store_study_instances(
     return await _store(request, state, study_uid)
 
 
-@router.get("/studies", response_class=Response, responses=_QIDO_RESPONSES)
+@router.get(
+    "/studies", response_class=Response, responses=_QIDO_RESPONSES, openapi_extra=_QIDO_QUERY
+)
 async def search_for_studies(request: Request, state: State, _key: IngestKey) -> Response:
     """The studies kgdx holds, as QIDO-RS study results."""
     store = _instances(state)
@@ -154,11 +189,20 @@ async def search_for_studies(request: Request, state: State, _key: IngestKey) ->
     )
     headers = {}
     if unsupported:
-        names = ", ".join(k[:64] for k in unsupported[:10])
+        names = ", ".join(_header_text(k[:64]) for k in unsupported[:10])
         headers["Warning"] = f'299 kgdx "matching on {names} is not supported and was ignored"'
     if not found:
         return Response(status_code=204, headers=headers)
     return JSONResponse([_study_json(s) for s in found], media_type=DICOM_JSON, headers=headers)
+
+
+def _header_text(text: str) -> str:
+    """``text`` fit for a quoted header value: printable ASCII, other characters as ``?``.
+
+    Query keys are whatever the client sent; a non-Latin-1 one in the ``Warning`` header
+    made the response unencodable (a 500, found by API fuzzing).
+    """
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
 
 
 def _study_json(summary: StudySummary) -> dict[str, Any]:

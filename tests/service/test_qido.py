@@ -161,3 +161,14 @@ def test_search_needs_the_ingest_scope(svc: Service) -> None:
     assert_error(search(svc, scope=None), 401, "API key")
     assert_error(search(svc, scope="predict"), 403, "ingest")
     assert search(svc, scope="admin").status_code in (200, 204)
+
+
+def test_unsupported_keys_of_any_characters_are_named_safely(svc: Service) -> None:
+    # Found by bench/fuzz_api.py: a key outside Latin-1 made the Warning header a 500.
+    assert post(svc, multipart(dx())).status_code == 200
+    r = search(svc, **{"กา": "x", 'Pa"t\x0cient': "y"})
+    assert r.status_code == 200 and r.json()
+    assert (
+        r.headers["warning"]
+        == '299 kgdx "matching on Pa?t?ient, ?? is not supported and was ignored"'
+    )
