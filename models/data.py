@@ -88,7 +88,8 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
     ``convert("L")`` (ITU-R 601 luma; alpha dropped). 16/32-bit integer images (``I;16*``,
     ``I``) are divided by ``2**bits - 1`` with ``bits`` the effective bit depth of the data
     (at least 8: 12-bit values stored in 16-bit PNGs span the full range, as a 12-bit
-    detector intends); negative integer and float (``F``) images are min-max scaled.
+    detector intends); negative integer and float (``F``) images are min-max scaled, NaN and
+    infinite values becoming 0 first (as in :func:`models.dicom_pixels.dicom_to_array`).
     """
     image = ImageOps.exif_transpose(image)
     mode = image.mode
@@ -96,6 +97,8 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
         values = np.asarray(image, dtype=np.float64)
         if values.ndim == 3:
             values = values[..., 0]
+        if mode == "F":
+            values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(values.min()), float(values.max())
         if mode == "F" or lo < 0:
             out = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)

@@ -256,7 +256,8 @@ def decode_image(
     Raises:
         UnprocessableImageError: empty, truncated or corrupt data, DICOM without pixel data
             or with inconsistent sizes, an unsupported transfer syntax or missing codec,
-            an image smaller than ``limits.min_side`` (422).
+            an image smaller than ``limits.min_side``, pixel values that come out NaN or
+            infinite (an overflowing rescale) (422).
         PayloadTooLargeError: more than ``limits.max_bytes`` bytes or ``limits.max_pixels``
             pixels per frame (413), checked before decoding.
         UnsupportedMediaTypeError: not an image kind we read (415).
@@ -277,9 +278,11 @@ def decode_image(
         )
     notes = _declared_type_notes(kind, content_type, filename)
     try:
-        if kind == "dicom":
-            return _decode_dicom(data, limits, notes)
-        return _decode_pil(data, kind, limits, notes)
+        decoded = (
+            _decode_dicom(data, limits, notes)
+            if kind == "dicom"
+            else _decode_pil(data, kind, limits, notes)
+        )
     except ServiceError:
         raise
     except MemoryError:
@@ -294,6 +297,13 @@ def decode_image(
         raise UnprocessableImageError(
             f"cannot decode the {kind.upper()} image ({type(e).__name__})"
         ) from None
+    # The model refuses a batch holding one non-finite pixel: such an image must never
+    # reach it, or it fails every request batched with it.
+    if not np.isfinite(decoded.pixels).all():
+        raise UnprocessableImageError(
+            f"the {kind.upper()} image holds NaN or infinite pixel values"
+        )
+    return decoded
 
 
 def _declared_type_notes(kind: str, content_type: str | None, filename: str | None) -> list[str]:
