@@ -189,6 +189,12 @@ def _animated_gif(_: Path) -> bytes:
     return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
 
 
+def _float_tiff_with_infinities(_: Path) -> bytes:
+    values = _sample_pixels().astype(np.float32) / 255.0
+    values[:, ::7] = np.inf
+    return _save(Image.fromarray(values), "TIFF")
+
+
 def _testdata(name: str) -> Builder:
     return lambda _: im.testdata_dicom_bytes(name)
 
@@ -962,6 +968,17 @@ CASES: tuple[Case, ...] = (
         valid=True,
     ),
     Case(
+        "tiff-float-infinite",
+        "image/float-with-infinities",
+        _predict(),
+        200,
+        "float image scaled",
+        _float_tiff_with_infinities,
+        ".tif",
+        valid=True,
+        note="a 32-bit float TIFF with +inf pixels: they become 0, as in float DICOM",
+    ),
+    Case(
         "png-labelled-dicom",
         "image/mislabelled",
         _predict(content_type="application/dicom", filename="scan.dcm"),
@@ -1096,6 +1113,16 @@ CASES: tuple[Case, ...] = (
         "Rescale Slope",
         _bad_value("RescaleSlope", "1.25", b"x.yz"),
         ".dcm",
+    ),
+    Case(
+        "dicom-rescale-overflow",
+        "dicom/overflowing-rescale",
+        _predict(),
+        422,
+        "NaN or infinite pixel values",
+        _dicom(bits=12, rescale=(1e308, 1e308), window=(1.0, 1e308)),
+        ".dcm",
+        note="Rescale Slope and Intercept 1e308: the values overflow to infinity",
     ),
     Case(
         "dicom-bits-stored-20",
