@@ -36,7 +36,16 @@ from service.middleware import RequestContextMiddleware
 from service.pipeline import InferencePipeline
 from service.rate_limit import RateLimiter
 from service.results import ResultStore
-from service.routes import dicomweb, health, ontology, predict, reports, results, studies
+from service.routes import (
+    dicomweb,
+    docs,
+    health,
+    ontology,
+    predict,
+    reports,
+    results,
+    studies,
+)
 from service.settings import Settings, get_settings
 from service.state import AppState
 from service.study_worker import StudyWorker, job_queue_for, source_finder
@@ -144,6 +153,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Knowledge-graph-augmented diagnosis of medical images",
         version=_version(),
         lifespan=lifespan,
+        # The schema is served behind a key by service.routes.docs, the browser UIs only
+        # without authentication (they cannot send a key).
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     state = AppState(settings=settings, metrics=Metrics())
     app.state.kgdx = state
@@ -156,8 +170,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     app.add_middleware(RequestContextMiddleware, state=state)
-    for module in (health, predict, results, reports, ontology, studies, dicomweb):
+    for module in (health, predict, results, reports, ontology, studies, dicomweb, docs):
         app.include_router(module.router)
+    if settings.no_auth:
+        app.include_router(docs.ui_router)
     return app
 
 

@@ -29,8 +29,9 @@ def presented_key(request: Request) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
-def require_scope(scope: str) -> Callable[[Request], Awaitable[ApiKey | None]]:
-    """A dependency that lets a request in only with a valid key holding ``scope``."""
+def require_scope(scope: str | None) -> Callable[[Request], Awaitable[ApiKey | None]]:
+    """A dependency that lets a request in only with a valid key holding ``scope``
+    (``None``: any valid key, whatever its scopes)."""
 
     async def dependency(request: Request) -> ApiKey | None:
         state: AppState = request.app.state.kgdx
@@ -46,7 +47,7 @@ def require_scope(scope: str) -> Callable[[Request], Awaitable[ApiKey | None]]:
         if key is None:
             raise UnauthorizedError("invalid or revoked API key")
         request.state.key_id = key.key_id
-        if not has_scope(key, scope):
+        if scope is not None and not has_scope(key, scope):
             raise ForbiddenError(f"this API key lacks the {scope!r} scope")
         if state.rate_limiter is not None:
             wait = state.rate_limiter.acquire(key.key_id)

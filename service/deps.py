@@ -28,6 +28,7 @@ def get_ready_state(request: Request) -> AppState:
 
 State = Annotated[AppState, Depends(get_state)]
 ReadyState = Annotated[AppState, Depends(get_ready_state)]
+AnyKey = Annotated[ApiKey | None, Depends(require_scope(None))]
 PredictKey = Annotated[ApiKey | None, Depends(require_scope("predict"))]
 IngestKey = Annotated[ApiKey | None, Depends(require_scope("ingest"))]
 AdminKey = Annotated[ApiKey | None, Depends(require_scope("admin"))]

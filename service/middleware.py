@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.audit import AuditRecord
@@ -76,6 +77,8 @@ class RequestContextMiddleware:
                     413, "payload_too_large", f"request body is larger than {limit} bytes"
                 )
                 await response(scope, receive, send_wrapper)
+            elif limit is not None:
+                await self.app(scope, _limited(receive, limit), send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
         finally:
@@ -97,6 +100,7 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
     def _body_limit(self, path: str) -> int | None:
+        """The most body bytes a route reads; ``None``: the route bounds its own body."""
         settings = self.state.settings
         if path.startswith("/v1/predict"):
             return settings.max_upload_bytes + 64 * 1024  # multipart framing
@@ -124,3 +128,21 @@ class RequestContextMiddleware:
             request_id=request_id,
         )
         await run_in_threadpool(audit.record, record)
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that answers 413 once more than ``limit`` body bytes came in, whatever the
+    declared length (a chunked body declares none): nothing past the limit is read or
+    spooled, with or without a key, since the form is parsed before the key is checked."""
+    seen = 0
+
+    async def limited() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"request body is larger than {limit} bytes")
+        return message
+
+    return limited
