@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,8 +283,8 @@ def starting(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Starting | None]:
     """Starts the server at the module's first test, so that its start-up overlaps the CLI
-    cases; not at all when no HTTP case is selected."""
-    if not any(item.name.startswith("test_http_case") for item in request.session.items):
+    cases; not at all when no selected test needs it."""
+    if not any("live" in getattr(item, "fixturenames", ()) for item in request.session.items):
         yield None
         return
     starting = Starting(tmp_path_factory.mktemp("serve"))
@@ -320,3 +321,28 @@ def test_http_case(case_id: str, corpus: Corpus, live: Live) -> None:
     assert good.status_code == 200, f"after {case_id}: {good.status_code} {good.text[:300]}"
     assert live.client.get("/healthz").status_code == 200
     assert live.server.running
+
+
+def test_a_burst_of_image_cases_and_good_requests_batches_without_harm(
+    corpus: Corpus, live: Live
+) -> None:
+    """Every image and DICOM case at once, between good requests: the batcher gathers them
+    into mixed batches, and still each gets its own answer and every good request a 200."""
+    entries = [
+        corpus.entry(c.id)
+        for c in CASES
+        if c.category in ("image", "dicom") and isinstance(c.target, Http)
+    ]
+    work: list[dict[str, Any] | None] = [None] * 8 + entries  # None: a good request
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(
+            pool.map(
+                lambda e: live.good_predict() if e is None else live.send(e, corpus.file(e)),
+                work,
+            )
+        )
+    for entry, r in zip(work, answers, strict=True):
+        expected = 200 if entry is None else entry["expect"]
+        name = "good request" if entry is None else entry["id"]
+        assert r.status_code == expected, f"{name}: {r.status_code} {r.text[:300]}"
+    assert live.client.get("/healthz").status_code == 200
