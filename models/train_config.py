@@ -92,6 +92,7 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.label_fraction <= 1:
             raise ConfigError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
+        _check_seed("data.split_seed", self.split_seed)
         unknown = [n for n in self.exclude_findings if n not in self.label_names]
         if unknown:
             raise ConfigError(
@@ -207,6 +208,7 @@ class TrainConfig:
             raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
         if self.bootstrap < 0:
             raise ConfigError(f"train.bootstrap must be >= 0, got {self.bootstrap}")
+        _check_seed("train.seed", self.seed)
 
     @property
     def warmup(self) -> float | int:
@@ -407,6 +409,12 @@ class _Resolver:
 def _choice(key: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_seed(where: str, seed: int) -> None:
+    # torch takes seeds below 2**64, numpy's generators only non-negative ones
+    if not 0 <= seed < 2**64:
+        raise ConfigError(f"{where} must be in [0, 2**64), got {seed}")
 
 
 def _check_unknown(data: Mapping[str, Any], known: Sequence[str], prefix: str) -> None:
