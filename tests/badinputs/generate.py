@@ -1764,6 +1764,16 @@ CASES: tuple[Case, ...] = (
         ".toml",
     ),
     Case(
+        "train-seed-huge",
+        "train-config/seed-out-of-range",
+        _train("--set", "train.seed=99999999999999999999999"),
+        1,
+        "train.seed must be in [0, 2**64)",
+        _toml(),
+        ".toml",
+        note="torch refuses a seed of 2**64 or more, after the data were read",
+    ),
+    Case(
         "train-epochs-zero",
         "train-config/bad-value",
         _train(),
