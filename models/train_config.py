@@ -330,9 +330,9 @@ def config_from_dict(
     if ontology.label_map:
         ontology.label_map = resolve.file(ontology.label_map, "ontology.label_map")
     if ontology.feature_cache:
-        ontology.feature_cache = str(resolve.path(ontology.feature_cache))
+        ontology.feature_cache = str(resolve.path(ontology.feature_cache, "ontology.feature_cache"))
     if train.out:
-        train.out = str(resolve.path(train.out))
+        train.out = str(resolve.path(train.out, "train.out"))
     image = model.get("image") or {}
     if image.get("pretrained_path"):
         image["pretrained_path"] = resolve.file(
@@ -359,14 +359,16 @@ class _Resolver:
         self.base = base
         self.check = check
 
-    def path(self, value: str) -> Path:
+    def path(self, value: str, key: str) -> Path:
+        if "\x00" in value:  # the OS refuses it with a bare "embedded null byte"
+            raise ConfigError(f"{key}: the path holds a NUL character")
         p = Path(os.path.expanduser(os.path.expandvars(value)))
         return p if p.is_absolute() else (self.base / p).resolve()
 
     def file(self, value: str | None, key: str) -> str | None:
         if value is None:
             return None
-        p = self.path(value)
+        p = self.path(value, key)
         if self.check and not p.is_file():
             what = "is a folder, not a file" if p.is_dir() else "not found"
             raise ConfigError(f"{key}: {p} {what}")
@@ -375,7 +377,7 @@ class _Resolver:
     def folder(self, value: str | None, key: str) -> str | None:
         if value is None:
             return None
-        p = self.path(value)
+        p = self.path(value, key)
         if self.check and not p.is_dir():
             what = "is a file, not a folder" if p.is_file() else "not found"
             raise ConfigError(f"{key}: {p} {what}")
@@ -386,7 +388,7 @@ class _Resolver:
         reference as given."""
         if spec is None or not spec.strip():
             return None
-        p = self.path(spec)
+        p = self.path(spec, "ontology.spec")
         if p.is_file():
             return str(p)
         looks_like_path = any(s in spec for s in ("/", "\\")) or Path(spec).suffix.lower() in (
