@@ -1774,6 +1774,15 @@ CASES: tuple[Case, ...] = (
         note="torch refuses a seed of 2**64 or more, after the data were read",
     ),
     Case(
+        "train-nul-in-path",
+        "train-config/nul-in-path",
+        _train(),
+        1,
+        "data.images: the path holds a NUL character",
+        lambda c: _toml()(c).replace('/images"\n', '/images\\u0000"\n', 1),
+        ".toml",
+    ),
+    Case(
         "train-epochs-zero",
         "train-config/bad-value",
         _train(),
