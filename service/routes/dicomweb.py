@@ -40,6 +40,9 @@ router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 #: Most studies one QIDO-RS answer lists.
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+#: Largest ``offset``: larger ones are refused (the database's integers are 64-bit; an
+#: unbounded one overflowed them, a 500 found by API fuzzing).
+MAX_OFFSET = 2**31 - 1
 
 _DICOM_JSON_CONTENT: dict[str, Any] = {"content": {DICOM_JSON: {}}}
 _STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -104,7 +107,11 @@ _QIDO_QUERY: dict[str, Any] = {
                 {"type": "integer", "minimum": 1, "default": 100},
                 "Most studies to list; larger values are clamped to 1000",
             ),
-            ("offset", {"type": "integer", "minimum": 0, "default": 0}, "Studies to skip"),
+            (
+                "offset",
+                {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
+                "Studies to skip",
+            ),
             ("includefield", {"type": "string"}, "Accepted and ignored"),
             ("fuzzymatching", {"type": "string"}, "Accepted and ignored"),
         )
@@ -177,7 +184,7 @@ async def search_for_studies(request: Request, state: State, _key: IngestKey) ->
     store = _instances(state)
     params = request.query_params
     limit = _int_param(params.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    offset = _int_param(params.get("offset"), "offset", 0, 0, None)
+    offset = _int_param(params.get("offset"), "offset", 0, 0, MAX_OFFSET, clamp=False)
     study_uids = _list_param(params, _STUDY_UID_KEYS)
     modalities = _list_param(params, _MODALITY_KEYS)
     known = {*_STUDY_UID_KEYS, *_MODALITY_KEYS}
@@ -213,7 +220,10 @@ def _study_json(summary: StudySummary) -> dict[str, Any]:
     return ds.to_json_dict()
 
 
-def _int_param(value: str | None, name: str, default: int, low: int, high: int | None) -> int:
+def _int_param(
+    value: str | None, name: str, default: int, low: int, high: int, *, clamp: bool = True
+) -> int:
+    """An integer query parameter in ``[low, high]``: above ``high`` clamped (or refused)."""
     if value is None or value == "":
         return default
     try:
@@ -222,7 +232,9 @@ def _int_param(value: str | None, name: str, default: int, low: int, high: int |
         raise BadRequestError(f"{name} must be an integer, got {value[:40]!r}") from None
     if number < low:
         raise BadRequestError(f"{name} must be at least {low}, got {number}")
-    return number if high is None else min(number, high)
+    if number > high and not clamp:
+        raise BadRequestError(f"{name} must be at most {high}, got {value[:40]}")
+    return min(number, high)
 
 
 def _list_param(params: Any, keys: tuple[str, ...]) -> list[str] | None:
