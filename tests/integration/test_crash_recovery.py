@@ -14,10 +14,12 @@ next one:
   results are written and before the job records them (``worker.results_stored``), and
   after Orthanc stored the first SR and before the push is recorded
   (``sr_push.after_send``); then a clean start.
-- ``test_a_stow_body_killed_half_way_and_before_its_answer_is_stored_once``: killed with
-  the first instance of a two-part body stored and the second spooled (``stow.mid_body``),
-  then, after the client re-sent the body, with every part stored and no answer sent
-  (``stow.before_response``); then a clean start and a last re-send.
+- ``test_a_stow_body_killed_as_it_streams_in_or_half_way_or_before_its_answer_is_stored_once``:
+  killed from outside (SIGKILL, no fail point) while a two-part body is still coming in on a
+  raw connection, the first part spooled and the second begun; then, the body re-sent each
+  time, with the first instance stored and the second spooled (``stow.mid_body``), and with
+  every part stored and no answer sent (``stow.before_response``); then a clean start and a
+  last re-send.
 
 After every kill the doctor (:func:`service.doctor.examine`, the server dead) must find
 exactly what the crash left. At the end:
@@ -29,8 +31,9 @@ exactly what the crash left. At the end:
   when the crash fell between a push and its record: the re-push lands on the same SOP
   Instance UID, so the study still holds one SR per result;
 - ``kgdx doctor --repair --grace 0`` (the real command, the server stopped) finds the
-  database and the files in agreement, having removed only the spool file a body killed
-  half way left behind.
+  database and the files in agreement, having removed only the spool files that bodies
+  killed half way left behind; so does it right after the kill as a body streams in, where
+  those files (the whole first part, the begun second) are all it finds.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,28 +94,59 @@ def server(
         kgdx.kill()
 
 
-def stow(server: KgdxServer, key: str, parts: list[bytes]) -> httpx.Response | None:
-    """POST the instances as one STOW-RS body; ``None`` when no answer came (a crash)."""
+def stow_body(parts: list[bytes]) -> tuple[bytes, str]:
+    """The instances as one STOW-RS body; the body and its Content-Type."""
     boundary = f"crash-{secrets.token_hex(8)}"
     body = b"".join(
         b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (boundary.encode(), part)
         for part in parts
     )
     body += b"--%s--\r\n" % boundary.encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def stow(server: KgdxServer, key: str, parts: list[bytes]) -> httpx.Response | None:
+    """POST the instances as one STOW-RS body; ``None`` when no answer came (a crash)."""
+    body, content_type = stow_body(parts)
     try:
         return server.request(
             "POST",
             "/dicomweb/studies",
             key,
             content=body,
-            headers={
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                "Accept": "application/dicom+json",
-            },
+            headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
             timeout=60.0,
         )
     except httpx.TransportError:
         return None
+
+
+@contextlib.contextmanager
+def stow_cut_short(server: KgdxServer, key: str, parts: list[bytes]) -> Iterator[socket.socket]:
+    """A STOW-RS request of ``parts`` sent on a raw connection up to half of its last part,
+    the rest never sent: the server is left reading a body that streams in. Yields the
+    connection, open until the block ends."""
+    body, content_type = stow_body(parts)
+    cut = body.rindex(parts[-1]) + len(parts[-1]) // 2
+    head = (
+        f"POST /dicomweb/studies HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{server.port}\r\n"
+        f"Authorization: Bearer {key}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Accept: application/dicom+json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60.0) as conn:
+        conn.sendall(head + body[:cut])
+        yield conn
+
+
+def spooled_files(spool: Path, first_size: int) -> list[Path] | None:
+    """The spool files once a two-part body's first part is spooled whole (its file closed
+    at ``first_size`` bytes) and the second part's file is open; ``None`` until then."""
+    files = sorted(spool.glob("stow-*.part"))
+    sizes = sorted(p.stat().st_size for p in files)
+    return files if len(files) == 2 and first_size in sizes else None
 
 
 def acknowledged(answer: httpx.Response) -> set[str]:
@@ -295,7 +330,7 @@ def test_a_study_survives_a_kill_at_every_step_of_its_job(
 
 
 @pytest.mark.timeout(600)
-def test_a_stow_body_killed_half_way_and_before_its_answer_is_stored_once(
+def test_a_stow_body_killed_as_it_streams_in_or_half_way_or_before_its_answer_is_stored_once(
     server: KgdxServer,
     crash_home: Path,
     kgdx_template: KgdxTemplate,
@@ -306,7 +341,33 @@ def test_a_stow_body_killed_half_way_and_before_its_answer_is_stored_once(
     parts, study = two_radiographs("ACC-CRASH-STOW")
     pushes = len(orthanc.stow_received())
 
-    # Killed with the first part stored and the second still a spool file: no answer.
+    # Killed while the body streams in: the first part spooled, the second begun, nothing
+    # stored; no answer, and the spool files are all that is left.
+    server.start()
+    with stow_cut_short(server, key, parts) as conn:
+        try:
+            spooled = wait_for(
+                lambda: spooled_files(crash_home / "spool", len(parts[0])),
+                60.0,
+                interval=0.1,
+                what="the first part spooled whole and the second begun",
+            )
+        except TimeoutError as exc:
+            pytest.fail(f"{exc}: {server.log_tail()}")
+        server.kill()
+        with contextlib.suppress(ConnectionResetError):
+            assert conn.recv(4096) == b""  # closed by the kill, unanswered
+    code, report = doctor_cli(server, "--repair", "--grace", "0")
+    assert code == 0 and report["healthy"], report
+    assert report["checked"]["instances"] == report["checked"]["instance_files"] == 0, report
+    problems = [f for f in report["findings"] if f["problem"]]
+    assert sorted((f["check"], f["subject"], f["repaired"]) for f in problems) == [
+        ("temp-file", f"spool/{p.name}", True) for p in spooled
+    ], report
+    assert not any(os.scandir(crash_home / "spool"))
+
+    # The client sends the body again: killed with the first part stored and the second
+    # still a spool file; no answer.
     server.settings["KGDX_FAILPOINTS"] = "stow.mid_body"
     server.start()
     assert stow(server, key, parts) is None
