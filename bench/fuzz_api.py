@@ -120,8 +120,12 @@ def seed_server(url: str, key: str, work: Path) -> dict[str, Any]:
     from pydicom.uid import generate_uid
 
     headers = {"Authorization": f"Bearer {key}"}
+    # The study's instance is also what the cases send (whole or mutated): to its own study
+    # URL it is stored again (or conflicts once mutated), not refused for its study.
+    study_uid = generate_uid()
+    instance = dicom_instance(study_uid)
     dicom = work / "instance.dcm"
-    dicom.write_bytes(dicom_instance())
+    dicom.write_bytes(instance)
     seeds: dict[str, Any] = {
         "result_ids": [],
         "study_uids": [],
@@ -143,11 +147,10 @@ def seed_server(url: str, key: str, work: Path) -> dict[str, Any]:
             seeds["finding_names"].append(finding["name"])
             seeds["concept_ids"].append(finding["concept"]["id"])
             seeds["concept_ids"] += [e["concept"]["id"] for e in finding.get("evidence", [])]
-        study_uid = generate_uid()
         boundary = "kgdx-fuzz-seed"
         body = (
             f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            + dicom_instance(study_uid)
+            + instance
             + f"\r\n--{boundary}--\r\n".encode()
         )
         r = client.post(
