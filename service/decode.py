@@ -32,6 +32,7 @@ import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragmented_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
@@ -44,6 +45,8 @@ from pydicom.uid import (
 from models.data import pil_to_array
 from models.dicom_pixels import dicom_to_array
 from models.errors import DataError
+from service.codestream import frame_size
+from service.deflate import DeflateBombError, check_inflated_size
 from service.errors import (
     PayloadTooLargeError,
     ServiceError,
@@ -443,6 +446,10 @@ def _check_size(width: int, height: int, label: str, limits: DecodeLimits) -> No
 
 def _decode_dicom(data: bytes, limits: DecodeLimits, notes: list[str]) -> DecodedImage:
     try:
+        check_inflated_size(BytesIO(data), limits.max_bytes)
+    except DeflateBombError as e:
+        raise PayloadTooLargeError(f"{e} (the upload limit)") from None
+    try:
         ds = pydicom.dcmread(BytesIO(data), force=True, defer_size=_DEFER_SIZE)
     except Exception as e:  # pydicom raises many types on corrupt input
         raise UnprocessableImageError(f"truncated or corrupt DICOM: {_reason(e)}") from None
@@ -471,6 +478,8 @@ def _decode_dicom(data: bytes, limits: DecodeLimits, notes: list[str]) -> Decode
     _check_transfer_syntax(tsuid)
     if pixel_tag == "PixelData" and not tsuid.is_encapsulated:
         _check_native_length(ds, data, tsuid, rows, cols, frames)
+    elif pixel_tag == "PixelData":
+        _check_codestream_size(ds, frames, rows, cols, limits)
 
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or None
     try:
@@ -512,6 +521,27 @@ def _decode_dicom(data: bytes, limits: DecodeLimits, notes: list[str]) -> Decode
     return DecodedImage(
         pixels=pixels, kind="dicom", width=cols, height=rows, notes=notes, dicom=info
     )
+
+
+def _check_codestream_size(
+    ds: Dataset, frames: int, rows: int, cols: int, limits: DecodeLimits
+) -> None:
+    """Refuse a compressed first frame whose own header declares another size than Rows x
+    Columns (413 over the pixel limit, else 422), before the decoder allocates for it."""
+    try:
+        first = next(generate_fragmented_frames(ds.PixelData, number_of_frames=frames))[0]
+    except Exception:
+        return  # unreadable encapsulation: the decoder names the problem
+    size = frame_size(first)
+    if size is None:
+        return
+    width, height = size
+    _check_size(width, height, "the compressed frame", limits)
+    if (width, height) != (cols, rows):
+        raise UnprocessableImageError(
+            f"inconsistent DICOM: the compressed frame is {width}x{height} but Columns x "
+            f"Rows is {cols}x{rows}"
+        )
 
 
 def _transfer_syntax(ds: Dataset, notes: list[str]) -> UID:

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # the last few (see service/db.py). STOW-RS acknowledgements and jobs are always flushed.
     durable_results: bool = False
     max_upload_bytes: int = Field(50 * 2**20, ge=1024)  # larger uploads -> 413
+    # a deflated DICOM data set may inflate to this much (STOW-RS; /v1/predict allows
+    # max_upload_bytes); checked as it inflates, before the DICOM reader sees it
+    max_inflated_bytes: int = Field(512 * 2**20, ge=1024)
     max_pixels: int = Field(60_000_000, ge=1024)  # width x height limit, checked before decoding
     min_image_side: int = Field(16, ge=1)  # smaller images -> 422
     threshold: float | None = Field(None, ge=0.0, le=1.0)  # default decision threshold

@@ -75,6 +75,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.deflate import DeflateBombError, check_inflated_size
 from service.errors import BadRequestError
 from service.failpoints import failpoint
 from service.instances import UID_MAX, InstanceIdentity, InstanceStore, is_valid_uid
@@ -228,6 +229,10 @@ def is_image_sop_class(sop_class_uid: str) -> bool:
     return "Image Storage" in UID(sop_class_uid).name
 
 
+#: Default bound on what one deflated data set may inflate to (``KGDX_MAX_INFLATED_BYTES``).
+MAX_INFLATED_BYTES = 512 * 2**20
+
+
 def limits_from_settings(settings: object) -> MultipartLimits:
     """Body limits from the service settings (``max_stow_bytes``, ``max_stow_parts``)."""
     defaults = MultipartLimits()
@@ -293,13 +298,19 @@ def _write_failure(exc: OSError) -> FailureReason:
     )
 
 
-def process_part(part: SpooledPart, store: InstanceStore, study_uid: str | None) -> InstanceResult:
+def process_part(
+    part: SpooledPart,
+    store: InstanceStore,
+    study_uid: str | None,
+    max_inflated_bytes: int = MAX_INFLATED_BYTES,
+) -> InstanceResult:
     """Validate one spooled part and store it (blocking: run it in a worker thread).
 
     Args:
         part: the part, as :func:`service.multipart.spool_multipart` left it.
         store: where accepted instances go.
         study_uid: the StudyInstanceUID of the request URL, if any.
+        max_inflated_bytes: the most a deflated data set may inflate to.
     """
     index = part.index
     if part.error is not None or part.path is None:
@@ -316,6 +327,13 @@ def process_part(part: SpooledPart, store: InstanceStore, study_uid: str | None)
             FailureReason.CANNOT_UNDERSTAND,
             f"part media type {str(part.media_type)[:60]!r} is not application/dicom",
         )
+    try:
+        with part.path.open("rb") as fp:
+            check_inflated_size(fp, max_inflated_bytes)
+    except DeflateBombError as exc:
+        return _failed(index, FailureReason.OUT_OF_RESOURCES, str(exc))
+    except OSError as exc:
+        return _failed(index, _write_failure(exc), f"spool file unreadable ({type(exc).__name__})")
     try:
         ds, forced = _read_header(part.path)
     except Exception as exc:
@@ -381,12 +399,12 @@ def process_part(part: SpooledPart, store: InstanceStore, study_uid: str | None)
 
 
 def _process_all(
-    parts: list[SpooledPart], store: InstanceStore, study_uid: str | None
+    parts: list[SpooledPart], store: InstanceStore, study_uid: str | None, max_inflated: int
 ) -> list[InstanceResult]:
     try:
         results = []
         for part in parts:
-            results.append(process_part(part, store, study_uid))
+            results.append(process_part(part, store, study_uid, max_inflated))
             if len(results) < len(parts):
                 failpoint("stow.mid_body")
         failpoint("stow.before_response")
@@ -402,6 +420,7 @@ async def stow(
     *,
     study_uid: str | None = None,
     limits: MultipartLimits | None = None,
+    max_inflated_bytes: int = MAX_INFLATED_BYTES,
 ) -> StowResult:
     """Parse, validate and store a STOW-RS body; every accepted instance is durable on return.
 
@@ -411,6 +430,8 @@ async def stow(
         store: where instances go (its spool folder takes the parts).
         study_uid: the StudyInstanceUID of the URL, if any.
         limits: bounds on the body.
+        max_inflated_bytes: the most a deflated data set may inflate to (a part beyond
+            fails with A700, out of resources).
 
     Raises:
         UnsupportedMediaTypeError: (415) not ``multipart/related; type="application/dicom"``.
@@ -424,7 +445,9 @@ async def stow(
     parts = await spool_multipart(chunks, boundary, store.spool, limits)
     if not parts:
         raise BadRequestError("the multipart body holds no parts")
-    results = await anyio.to_thread.run_sync(_process_all, parts, store, study_uid)
+    results = await anyio.to_thread.run_sync(
+        _process_all, parts, store, study_uid, max_inflated_bytes
+    )
     first = next((r.study_uid for r in results if r.stored), None)
     result = StowResult(results, study_uid or first)
     new = sum(r.created for r in results)

@@ -143,6 +143,7 @@ async def _store(request: Request, state: State, study_uid: str | None) -> Respo
             store,
             study_uid=study_uid,
             limits=limits,
+            max_inflated_bytes=state.settings.max_inflated_bytes,
         )
     except ClientDisconnect:
         raise BadRequestError("the client went away before the body was complete") from None
