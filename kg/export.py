@@ -158,16 +158,28 @@ def write_csv(ontology: Ontology, path: Path) -> list[Path]:
         w.writerow(["subject", "predicate", "object", "weight", "source"])
         for r in ontology.relations:
             w.writerow(
-                [r.subject, r.predicate, r.object, "" if r.weight is None else repr(r.weight),
-                 r.source]
+                [
+                    r.subject,
+                    r.predicate,
+                    r.object,
+                    "" if r.weight is None else repr(r.weight),
+                    r.source,
+                ]
             )
     with concepts_path.open("w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter=delimiter, lineterminator="\n")
         w.writerow(["id", "label", "synonyms", "definition", "xrefs", "obsolete", "replaced_by"])
         for c in ontology.concepts.values():
             w.writerow(
-                [c.id, c.label, join_list(c.synonyms), c.definition, join_list(c.xrefs),
-                 "true" if c.obsolete else "", join_list(c.replaced_by)]
+                [
+                    c.id,
+                    c.label,
+                    join_list(c.synonyms),
+                    c.definition,
+                    join_list(c.xrefs),
+                    "true" if c.obsolete else "",
+                    join_list(c.replaced_by),
+                ]
             )
     return [path, concepts_path]
 
@@ -176,9 +188,7 @@ def write_csv(ontology: Ontology, path: Path) -> list[Path]:
 
 
 def _escape_quoted(text: str) -> str:
-    return (
-        text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-    )
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
 
 
 def _escape_unquoted(text: str) -> str:

@@ -260,8 +260,7 @@ class GraphStore:
             except OperationalError as exc:
                 if "locked" in str(exc.orig):
                     raise StoreBusyError(
-                        f"the ontology store {where} is locked by another writer; "
-                        "try again later"
+                        f"the ontology store {where} is locked by another writer; try again later"
                     ) from exc
                 raise
 
@@ -375,11 +374,25 @@ class GraphStore:
                 self._bulk(
                     conn,
                     "relations",
-                    ("version_id", "pos", "subject_idx", "object_idx", "predicate", "weight",
-                     "source"),
+                    (
+                        "version_id",
+                        "pos",
+                        "subject_idx",
+                        "object_idx",
+                        "predicate",
+                        "weight",
+                        "source",
+                    ),
                     [
-                        (vid, start + k, index[r.subject], index[r.object], r.predicate,
-                         r.weight, r.source)
+                        (
+                            vid,
+                            start + k,
+                            index[r.subject],
+                            index[r.object],
+                            r.predicate,
+                            r.weight,
+                            r.source,
+                        )
                         for k, r in enumerate(rel_chunk)
                     ],
                 )
@@ -399,11 +412,29 @@ class GraphStore:
         self._bulk(
             conn,
             "concepts",
-            ("version_id", "idx", "concept_id", "label", "definition", "synonyms", "xrefs",
-             "obsolete", "replaced_by"),
+            (
+                "version_id",
+                "idx",
+                "concept_id",
+                "label",
+                "definition",
+                "synonyms",
+                "xrefs",
+                "obsolete",
+                "replaced_by",
+            ),
             [
-                (vid, i, c.id, c.label, c.definition, _dump(c.synonyms), _dump(c.xrefs),
-                 bool(c.obsolete), _dump(c.replaced_by))
+                (
+                    vid,
+                    i,
+                    c.id,
+                    c.label,
+                    c.definition,
+                    _dump(c.synonyms),
+                    _dump(c.xrefs),
+                    bool(c.obsolete),
+                    _dump(c.replaced_by),
+                )
                 for i, c in chunk
             ],
         )
@@ -540,9 +571,7 @@ class GraphStore:
             return active[0] if active else mine[-1]
         prefix = prefix.strip().lower()
         if not _VERSION_PREFIX.fullmatch(prefix):
-            raise KgError(
-                f"version in {ref!r} must be at least 6 hex digits of the content hash"
-            )
+            raise KgError(f"version in {ref!r} must be at least 6 hex digits of the content hash")
         matches = [s for s in mine if s.info.version.startswith(prefix)]
         if not matches:
             have = ", ".join(s.info.version for s in mine)
@@ -592,8 +621,7 @@ class GraphStore:
                 (s.id,),
             ).all()
             rels = [Relation(ids[a], p, ids[b], w, src) for a, b, p, w, src in rrows]
-        return Ontology(name=s.info.name, concepts=concepts, relations=rels,
-                        meta=dict(s.info.meta))
+        return Ontology(name=s.info.name, concepts=concepts, relations=rels, meta=dict(s.info.meta))
 
     def graph(self, ref: str | None = None) -> ConceptGraph:
         """The version's :class:`ConceptGraph`, built from raw rows and cached per version.
@@ -619,8 +647,10 @@ class GraphStore:
             (vid,),
         ).all()
         edges = conn.exec_driver_sql(
-            self._sql("SELECT subject_idx, object_idx, predicate, weight FROM relations "
-                      "WHERE version_id = ? ORDER BY pos"),
+            self._sql(
+                "SELECT subject_idx, object_idx, predicate, weight FROM relations "
+                "WHERE version_id = ? ORDER BY pos"
+            ),
             (vid,),
         ).all()
         ids = [r[0] for r in nodes]
@@ -635,17 +665,28 @@ class GraphStore:
         """One concept; :class:`NotFoundError` names the id when the version lacks it."""
         with self._engine.connect() as conn:
             s = self._resolve(conn, ref)
-            r = conn.exec_driver_sql(
-                self._sql(
-                    "SELECT concept_id, label, definition, synonyms, xrefs, obsolete, "
-                    "replaced_by FROM concepts WHERE version_id = ? AND concept_id = ?"
-                ),
-                (s.id, concept_id),
-            ).first() if "\x00" not in concept_id else None
+            r = (
+                conn.exec_driver_sql(
+                    self._sql(
+                        "SELECT concept_id, label, definition, synonyms, xrefs, obsolete, "
+                        "replaced_by FROM concepts WHERE version_id = ? AND concept_id = ?"
+                    ),
+                    (s.id, concept_id),
+                ).first()
+                if "\x00" not in concept_id
+                else None
+            )
         if r is None:
             raise NotFoundError(f"unknown concept id {concept_id!r} in {s.info.ref}")
-        return Concept(id=r[0], label=r[1], synonyms=_load(r[3]), definition=r[2],
-                       xrefs=_load(r[4]), obsolete=bool(r[5]), replaced_by=_load(r[6]))
+        return Concept(
+            id=r[0],
+            label=r[1],
+            synonyms=_load(r[3]),
+            definition=r[2],
+            xrefs=_load(r[4]),
+            obsolete=bool(r[5]),
+            replaced_by=_load(r[6]),
+        )
 
     def search(self, text: str, ref: str | None = None, limit: int = 20) -> list[SearchHit]:
         """Concepts whose label, synonym or id matches ``text``, best first.
@@ -662,8 +703,10 @@ class GraphStore:
             s = self._resolve(conn, ref)
             candidates: list[Candidate] = []
             r = conn.exec_driver_sql(
-                self._sql("SELECT idx, concept_id, label, obsolete FROM concepts "
-                          "WHERE version_id = ? AND concept_id = ?"),
+                self._sql(
+                    "SELECT idx, concept_id, label, obsolete FROM concepts "
+                    "WHERE version_id = ? AND concept_id = ?"
+                ),
                 (s.id, text.strip()),
             ).first()
             if r is not None:
@@ -707,8 +750,11 @@ class GraphStore:
         g = self.graph(ref)
         u = g.node(concept_id)
         return sorted(
-            {g.ids[v] for v, r, d, _ in g.adjacency[u]
-             if d == direction and g.relations[r] == relation}
+            {
+                g.ids[v]
+                for v, r, d, _ in g.adjacency[u]
+                if d == direction and g.relations[r] == relation
+            }
         )
 
     def stats(self, ref: str | None = None) -> dict[str, Any]:
@@ -735,7 +781,9 @@ class GraphStore:
                     .where(rel.c.version_id == s.id)
                     .group_by(rel.c.predicate)
                     .order_by(rel.c.predicate)
-                ).tuples().all()
+                )
+                .tuples()
+                .all()
             )
             synonyms = sum(
                 len(_load(x))
@@ -750,9 +798,7 @@ class GraphStore:
                 ).scalars()
             )
             obsolete_idx = set(
-                conn.execute(
-                    select(c.c.idx).where(c.c.version_id == s.id, c.c.obsolete)
-                ).scalars()
+                conn.execute(select(c.c.idx).where(c.c.version_id == s.id, c.c.obsolete)).scalars()
             )
         out: dict[str, Any] = {
             "ref": s.info.ref,

@@ -107,8 +107,7 @@ def _local_cluster() -> Iterator[PostgresServer]:
     bindir = find_bindir()
     if bindir is None:
         raise PostgresUnavailable(
-            "PostgreSQL server binaries not found (apt-get install postgresql, "
-            f"or set {ENV_URL})"
+            f"PostgreSQL server binaries not found (apt-get install postgresql, or set {ENV_URL})"
         )
     user: str | None = None
     if os.geteuid() == 0:
@@ -127,18 +126,46 @@ def _local_cluster() -> Iterator[PostgresServer]:
         if user is not None:
             shutil.chown(root, user, user)
         _run(
-            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-             "-E", "UTF8", "--locale=C", "--no-sync"],
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
             user,
         )
         port = free_port()
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [str(bindir / "postgres"), "-D", str(data), "-p", str(port),
-                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
-                 "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off", "-c", "max_connections=50"],
-                stdout=out, stderr=subprocess.STDOUT, user=user, group=user,
+                [
+                    str(bindir / "postgres"),
+                    "-D",
+                    str(data),
+                    "-p",
+                    str(port),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    f"unix_socket_directories={root}",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=50",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                user=user,
+                group=user,
                 start_new_session=True,
             )
         base = f"postgresql://postgres@127.0.0.1:{port}"
@@ -167,9 +194,7 @@ def _wait_ready(dsn: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise PostgresUnavailable(
-                f"postgres exited with {proc.returncode}: {_tail(log)}"
-            )
+            raise PostgresUnavailable(f"postgres exited with {proc.returncode}: {_tail(log)}")
         try:
             with psycopg.connect(dsn, connect_timeout=2):
                 return

@@ -77,7 +77,7 @@ def iri_to_curie(iri: str) -> str:
         return iri
     for ns, prefix in NAMESPACES.items():
         if iri.startswith(ns) and len(iri) > len(ns):
-            return f"{prefix}:{iri[len(ns):]}"
+            return f"{prefix}:{iri[len(ns) :]}"
     return iri
 
 

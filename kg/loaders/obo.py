@@ -181,8 +181,9 @@ def parse_obo(
             raise OntologyFormatError("[Term] stanza without an id", path=where, line=stanza_line)
         if cid in concepts:
             raise DuplicateIdError(
-                cid, f" in [Term] stanza at {where}, line {stanza_line}"
-                f" (first defined at line {_first_id_line(path, cid)})"
+                cid,
+                f" in [Term] stanza at {where}, line {stanza_line}"
+                f" (first defined at line {_first_id_line(path, cid)})",
             )
         concepts[cid] = Concept(
             cid,

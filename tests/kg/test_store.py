@@ -43,16 +43,26 @@ def tiny(name: str = "chest", extra: str | None = None) -> Ontology:
     """A 6-concept ontology; ``extra`` adds a seventh concept to make a new version."""
     o = Ontology(name=name, meta={"format": "obo", "source": "tiny.obo", "data-version": "1"})
     o.add(Concept("X:0000001", "Finding"))
-    o.add(Concept("X:0000002", "Pulmonary opacity", synonyms=("Lung opacity",),
-                  xrefs=("UMLS:C4", "SNOMEDCT_US:1")))
-    o.add(Concept("X:0000003", "Parenchymal consolidation",
-                  synonyms=("Consolidation of lung", "Airspace consolidation"),
-                  definition="Alveolar air replaced by fluid or cells.",
-                  xrefs=("UMLS:C0521530",)))
+    o.add(
+        Concept(
+            "X:0000002",
+            "Pulmonary opacity",
+            synonyms=("Lung opacity",),
+            xrefs=("UMLS:C4", "SNOMEDCT_US:1"),
+        )
+    )
+    o.add(
+        Concept(
+            "X:0000003",
+            "Parenchymal consolidation",
+            synonyms=("Consolidation of lung", "Airspace consolidation"),
+            definition="Alveolar air replaced by fluid or cells.",
+            xrefs=("UMLS:C0521530",),
+        )
+    )
     o.add(Concept("X:0000004", "Pneumonia", xrefs=("UMLS:C0032285", "SNOMEDCT_US:233604007")))
     o.add(Concept("X:0000005", "Pleural effusion", synonyms=("Hydrothorax", "Épanchement")))
-    o.add(Concept("X:0000006", "obsolete Lung opacity", obsolete=True,
-                  replaced_by=("X:0000002",)))
+    o.add(Concept("X:0000006", "obsolete Lung opacity", obsolete=True, replaced_by=("X:0000002",)))
     o.relations = [
         Relation("X:0000002", "is_a", "X:0000001"),
         Relation("X:0000003", "is_a", "X:0000002"),
@@ -160,9 +170,7 @@ def test_versions_lists_by_name(store: GraphStore, saved: VersionInfo) -> None:
     assert store.versions("nope") == []
 
 
-def test_progress_reports_every_chunk(
-    store: GraphStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_progress_reports_every_chunk(store: GraphStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "CHUNK_ROWS", 4)
     calls: list[tuple[int, int]] = []
     store.save(tiny(), progress=lambda done, total: calls.append((done, total)))
@@ -192,8 +200,9 @@ def _row_counts(store: GraphStore) -> dict[str, int]:
             t: int(conn.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar_one())
             for t in ("ontology_versions", "concepts", "relations", "xrefs")
         }
-        counts["fts_tables"] = sum(n.startswith("concept_fts_") and "_" not in n[12:]
-                                   for n in names)
+        counts["fts_tables"] = sum(
+            n.startswith("concept_fts_") and "_" not in n[12:] for n in names
+        )
         if store.dialect == "postgresql":
             counts["concept_names"] = int(
                 conn.exec_driver_sql("SELECT count(*) FROM concept_names").scalar_one()
@@ -277,8 +286,11 @@ def test_two_loads_in_two_processes(tmp_home: Path) -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True, env=env,
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert proc.stdout is not None and proc.stdin is not None
@@ -335,9 +347,7 @@ def test_resolve_ambiguous_prefix(store: GraphStore, monkeypatch: pytest.MonkeyP
     assert store.resolve("chest@abcdef0000000007").n_concepts == 7
 
 
-def test_name_without_active_version_means_newest(
-    store: GraphStore, saved: VersionInfo
-) -> None:
+def test_name_without_active_version_means_newest(store: GraphStore, saved: VersionInfo) -> None:
     store.save(tiny(extra="Atelectasis"))
     v3, _ = store.save(tiny(extra="Pneumothorax"))
     assert store.remove(saved.ref) == [saved]
@@ -470,9 +480,33 @@ def test_search_empty_text(store: GraphStore, saved: VersionInfo, text: str) -> 
 
 
 NASTY = [
-    '"', '""', "*", "AND", "OR NOT", "NOT pneumonia", "(", ")", "pneu*", "a OR b",
-    "'; DROP TABLE concepts; --", "\x00", "NEAR(a b)", "label:pneumonia", "^pneu", "+",
-    "☃", "%", "_", "-", "\\", "'", "::*", "!", "x" * 5000, "a " * 500, "{label}: x",
+    '"',
+    '""',
+    "*",
+    "AND",
+    "OR NOT",
+    "NOT pneumonia",
+    "(",
+    ")",
+    "pneu*",
+    "a OR b",
+    "'; DROP TABLE concepts; --",
+    "\x00",
+    "NEAR(a b)",
+    "label:pneumonia",
+    "^pneu",
+    "+",
+    "☃",
+    "%",
+    "_",
+    "-",
+    "\\",
+    "'",
+    "::*",
+    "!",
+    "x" * 5000,
+    "a " * 500,
+    "{label}: x",
 ]
 
 
@@ -548,23 +582,32 @@ def _hpo_via_obonet(path: Path) -> Ontology:
 
     quoted = re.compile(r'^"((?:[^"\\]|\\.)*)"')
     g = obonet.read_obo(path)
-    onto = Ontology(name="hp", meta={"format": "obo", "source": str(path),
-                                     "data-version": str(g.graph.get("data-version", ""))})
+    onto = Ontology(
+        name="hp",
+        meta={
+            "format": "obo",
+            "source": str(path),
+            "data-version": str(g.graph.get("data-version", "")),
+        },
+    )
     for cid, d in g.nodes(data=True):
         m = quoted.match(d.get("def", ""))
-        onto.add(Concept(
-            id=cid,
-            label=d.get("name", ""),
-            synonyms=tuple(
-                m2.group(1) for s in d.get("synonym", []) if (m2 := quoted.match(s))
-            ),
-            definition=m.group(1) if m else "",
-            xrefs=tuple(x.split(" ", 1)[0] for x in d.get("xref", [])),
-            obsolete=d.get("is_obsolete") == "true",
-            replaced_by=tuple(d.get("replaced_by", [])),
-        ))
+        onto.add(
+            Concept(
+                id=cid,
+                label=d.get("name", ""),
+                synonyms=tuple(
+                    m2.group(1) for s in d.get("synonym", []) if (m2 := quoted.match(s))
+                ),
+                definition=m.group(1) if m else "",
+                xrefs=tuple(x.split(" ", 1)[0] for x in d.get("xref", [])),
+                obsolete=d.get("is_obsolete") == "true",
+                replaced_by=tuple(d.get("replaced_by", [])),
+            )
+        )
     onto.relations = [
-        Relation(u, k, v) for u, v, k in g.edges(keys=True)
+        Relation(u, k, v)
+        for u, v, k in g.edges(keys=True)
         if u in onto.concepts and v in onto.concepts
     ]
     return onto
@@ -596,11 +639,14 @@ def test_hpo_save_reload_and_search_speed(
         seizure = s.search("Seizure", limit=5)
         assert seizure[0].concept_id == "HP:0001250" and seizure[0].score == 1.0
         assert s.search("HP:0001250")[0].concept_id == "HP:0001250"
-        words = sorted({w for c in list(hpo.concepts.values())[:400]
-                        for w in c.label.split() if w.isalpha()})
-        queries = [w[:n] for w in words for n in (3, 5)] + [
-            c.label for c in list(hpo.concepts.values())[::50]
-        ] + ["abnormality of the", "a", "ab", "abn", "of", "the", "x"]
+        words = sorted(
+            {w for c in list(hpo.concepts.values())[:400] for w in c.label.split() if w.isalpha()}
+        )
+        queries = (
+            [w[:n] for w in words for n in (3, 5)]
+            + [c.label for c in list(hpo.concepts.values())[::50]]
+            + ["abnormality of the", "a", "ab", "abn", "of", "the", "x"]
+        )
         for q in queries[:20]:  # warm-up
             s.search(q)
         times = []

@@ -68,8 +68,12 @@ def test_cycle_detection_matches_networkx(seed: int) -> None:
         assert graph.has_edge(a, b)
     assert len(set(cycle)) == len(cycle)
     # Every node on a cycle is reported (nodes that only lead into one may be too).
-    on_cycles = {v for comp in nx.strongly_connected_components(graph) for v in comp
-                 if len(comp) > 1 or graph.has_edge(v, v)}
+    on_cycles = {
+        v
+        for comp in nx.strongly_connected_components(graph)
+        for v in comp
+        if len(comp) > 1 or graph.has_edge(v, v)
+    }
     assert on_cycles <= set(find_cycle_nodes(onto))
 
 

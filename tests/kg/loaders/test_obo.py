@@ -77,7 +77,7 @@ def test_obo_1_2_synonym_tags_and_typedef_names(write: Write) -> None:
     path = write(
         "old.obo",
         "format-version: 1.2\n\n"
-        "[Term]\nid: X:1\nname: one\nexact_synonym: \"uno\" []\nnarrow_synonym: \"ein\" []\n\n"
+        '[Term]\nid: X:1\nname: one\nexact_synonym: "uno" []\nnarrow_synonym: "ein" []\n\n'
         "[Term]\nid: X:2\nname: two\nis_a: X:1\nrelationship: RO:0002200 X:1\n"
         "relationship: RO:0001025 X:1\n\n"
         "[Typedef]\nid: RO:0002200\nname: has phenotype\n",
@@ -109,7 +109,7 @@ TERM = "[Term]\nid: X:1\nname: one\n\n"
     [
         ("format-version: 1.4\nthis line has no colon\n", "expected 'tag: value'", 2),
         (TERM + "[Term]\nname: nameless\n", "[Term] stanza without an id", 5),
-        (TERM + "[Term]\nid: X:2\ndef: \"never closed []\n", "unterminated quoted string", 7),
+        (TERM + '[Term]\nid: X:2\ndef: "never closed []\n', "unterminated quoted string", 7),
         (TERM + "[Term]\nid: X:2\nsynonym: unquoted EXACT []\n", "expected a quoted string", 7),
         (TERM + '[Term]\nid: X:2\nis_a: X:1 {weight="1.5"}\n', "weight must be in (0, 1]", 7),
         (TERM + '[Term]\nid: X:2\nis_a: X:1 {weight="0"}\n', "weight must be in (0, 1]", 7),

@@ -38,15 +38,23 @@ def test_exported_obojson_loads_back(fixtures: Path, tmp_path: Path) -> None:
 
 
 def test_a_bare_graph_object_is_accepted(write: Write) -> None:
-    doc = {"nodes": [{"id": "X:1", "lbl": "one"}, {"id": "X:2"}],
-           "edges": [{"sub": "X:2", "pred": "is_a", "obj": "X:1"}]}
+    doc = {
+        "nodes": [{"id": "X:1", "lbl": "one"}, {"id": "X:2"}],
+        "edges": [{"sub": "X:2", "pred": "is_a", "obj": "X:1"}],
+    }
     onto = load_ontology(write("bare.json", json.dumps(doc)))
     assert set(onto.concepts) == {"X:1", "X:2"}
 
 
 def _graph(nodes: Any = None, edges: Any = None) -> dict[str, Any]:
-    return {"graphs": [{"nodes": nodes if nodes is not None else [{"id": "X:1"}],
-                        "edges": edges if edges is not None else []}]}
+    return {
+        "graphs": [
+            {
+                "nodes": nodes if nodes is not None else [{"id": "X:1"}],
+                "edges": edges if edges is not None else [],
+            }
+        ]
+    }
 
 
 @pytest.mark.parametrize(
@@ -74,13 +82,29 @@ def _graph(nodes: Any = None, edges: Any = None) -> dict[str, Any]:
             "graphs[0].edges[0].pred: expected a string",
         ),
         (
-            _graph(edges=[{"sub": "X:1", "pred": "p", "obj": "X:1", "meta": {
-                "basicPropertyValues": [{"pred": "weight", "val": "1.7"}]}}]),
+            _graph(
+                edges=[
+                    {
+                        "sub": "X:1",
+                        "pred": "p",
+                        "obj": "X:1",
+                        "meta": {"basicPropertyValues": [{"pred": "weight", "val": "1.7"}]},
+                    }
+                ]
+            ),
             "graphs[0].edges[0].meta.basicPropertyValues[0].val: weight must be in (0, 1]",
         ),
         (
-            _graph(edges=[{"sub": "X:1", "pred": "p", "obj": "X:1", "meta": {
-                "basicPropertyValues": [{"pred": "weight", "val": "heavy"}]}}]),
+            _graph(
+                edges=[
+                    {
+                        "sub": "X:1",
+                        "pred": "p",
+                        "obj": "X:1",
+                        "meta": {"basicPropertyValues": [{"pred": "weight", "val": "heavy"}]},
+                    }
+                ]
+            ),
             "weight must be a number",
         ),
     ],

@@ -21,7 +21,8 @@ RDF_OPEN = (
     'xmlns:owl="http://www.w3.org/2002/07/owl#">'
 )
 
-BILLION_LAUGHS = """<?xml version="1.0"?>
+BILLION_LAUGHS = (
+    """<?xml version="1.0"?>
 <!DOCTYPE lolz [
  <!ENTITY lol "lol">
  <!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
@@ -34,25 +35,40 @@ BILLION_LAUGHS = """<?xml version="1.0"?>
  <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
  <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
 ]>
-""" + RDF_OPEN + """
+"""
+    + RDF_OPEN
+    + """
   <owl:Class rdf:about="http://purl.obolibrary.org/obo/X_1"><rdfs:label>&lol9;</rdfs:label></owl:Class>
 </rdf:RDF>
 """
+)
 
-EXTERNAL_ENTITY = """<?xml version="1.0"?>
+EXTERNAL_ENTITY = (
+    """<?xml version="1.0"?>
 <!DOCTYPE rdf:RDF [ <!ENTITY xxe SYSTEM "file:///etc/passwd"> ]>
-""" + RDF_OPEN + """
+"""
+    + RDF_OPEN
+    + """
   <owl:Class rdf:about="http://purl.obolibrary.org/obo/X_1"><rdfs:label>&xxe;</rdfs:label></owl:Class>
 </rdf:RDF>
 """
+)
 
-PARAMETER_ENTITY = """<?xml version="1.0"?>
+PARAMETER_ENTITY = (
+    """<?xml version="1.0"?>
 <!DOCTYPE rdf:RDF [ <!ENTITY % remote SYSTEM "http://127.0.0.1:9/evil.dtd"> %remote; ]>
-""" + RDF_OPEN + "</rdf:RDF>\n"
+"""
+    + RDF_OPEN
+    + "</rdf:RDF>\n"
+)
 
-NAMESPACE_ENTITIES = """<?xml version="1.0"?>
+NAMESPACE_ENTITIES = (
+    """<?xml version="1.0"?>
 <!DOCTYPE rdf:RDF [ <!ENTITY owl "http://www.w3.org/2002/07/owl#" > ]>
-""" + RDF_OPEN + "</rdf:RDF>\n"
+"""
+    + RDF_OPEN
+    + "</rdf:RDF>\n"
+)
 
 
 def test_chest_owl_matches_chest_obo(fixtures: Path) -> None:
@@ -87,7 +103,7 @@ def test_non_obo_iris_are_kept_whole(write: Write) -> None:
         "</owl:Class>"
         '<owl:Class rdf:about="https://example.org/onto/LeftLung">'
         '<rdfs:subClassOf rdf:resource="https://example.org/onto/Lung"/>'
-        '<rdfs:subClassOf><owl:Restriction>'
+        "<rdfs:subClassOf><owl:Restriction>"
         '<owl:onProperty rdf:resource="https://example.org/onto/partOf"/>'
         '<owl:someValuesFrom rdf:resource="https://example.org/onto/Lung"/>'
         "</owl:Restriction></rdfs:subClassOf></owl:Class></rdf:RDF>",
@@ -100,7 +116,8 @@ def test_non_obo_iris_are_kept_whole(write: Write) -> None:
 
 
 @pytest.mark.parametrize(
-    "document", [BILLION_LAUGHS, EXTERNAL_ENTITY, PARAMETER_ENTITY, NAMESPACE_ENTITIES],
+    "document",
+    [BILLION_LAUGHS, EXTERNAL_ENTITY, PARAMETER_ENTITY, NAMESPACE_ENTITIES],
     ids=["billion-laughs", "external-entity", "parameter-entity", "entity-declarations"],
 )
 def test_dtds_and_entities_are_refused_fast(write: Write, document: str) -> None:
@@ -134,7 +151,8 @@ def test_dtds_and_entities_are_refused_fast(write: Write, document: str) -> None
             1,
         ),
         (
-            b"<?xml version='1.0' encoding='utf-8'?>\n" + RDF_OPEN.encode()
+            b"<?xml version='1.0' encoding='utf-8'?>\n"
+            + RDF_OPEN.encode()
             + b"\n<rdfs:label>caf\xe9</rdfs:label></rdf:RDF>",
             "malformed XML",
             3,
