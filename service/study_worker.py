@@ -30,7 +30,8 @@ resumed after a crash (even between the push and its record) makes no second res
 second SR; a re-push of the same SOPInstanceUID is answered "already stored".
 
 Errors: a study with nothing selectable, or whose selected images all fail to decode,
-fails at once with the reason. File, database, inference-queue and push-transport errors
+fails at once with the reason. A full inference queue is waited out (interactive requests
+come first; it costs no try). File, database, inference and push-transport errors
 are transient: the job is retried with backoff (``job_max_attempts`` processing tries,
 ``sr_push_max_attempts`` pushes). Reasons carry no patient data; logs name studies by
 :func:`service.logs.hash_uid` only.
@@ -59,12 +60,19 @@ from kg.home import kgdx_home
 from models.errors import DataError
 from service.coding import ConceptCodes, coder_for
 from service.decode import DecodeLimits
-from service.errors import ServiceError
+from service.errors import OverloadedError, ServiceError
 from service.failpoints import failpoint
 from service.instances import InstanceStore
 from service.jobs import Job, JobQueue, LeaseLostError, owner_id
 from service.logs import hash_uid
-from service.pipeline import PredictOptions, PredictRequest, decode, respond, thumbnail_png
+from service.pipeline import (
+    BatchItemResult,
+    PredictOptions,
+    PredictRequest,
+    decode,
+    respond,
+    thumbnail_png,
+)
 from service.results import StoredResult
 from service.selection import select_instances
 from service.sr import build_sr, derive_uid, sr_bytes
@@ -89,6 +97,9 @@ log = logging.getLogger("kgdx.worker")
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 #: Namespace of the result ids derived from job ids.
+#: How long a study's scoring waits before trying a full inference queue again (doubling).
+_ROOM_WAIT_MIN_S = 0.05
+_ROOM_WAIT_MAX_S = 1.0
 _NAMESPACE = uuid.UUID("6f1c3c0e-7a43-4d55-9a8e-6b2f4f0c9e11")
 
 
@@ -406,10 +417,7 @@ class StudyWorker:
         if not ready:
             raise PermanentJobError(f"no decodable image: {'; '.join(sorted(set(failed)))}")
         answers = await asyncio.gather(
-            *(
-                state.batcher.submit_timed(PredictRequest(image, None, options))
-                for _, image, _ in ready
-            )
+            *(self._submit_when_room(PredictRequest(image, None, options)) for _, image, _ in ready)
         )
         failpoint("worker.inference")
         scored = []
@@ -446,6 +454,19 @@ class StudyWorker:
         return [r for r in self.instances.by_study(job.study_uid) if r.job_id == job.id]
 
     # -- report --------------------------------------------------------------------------
+
+    async def _submit_when_room(self, request: PredictRequest) -> tuple[BatchItemResult, Any]:
+        """Score one image; a full inference queue is waited out, not counted as a failed
+        try: interactive ``/v1/predict`` requests go first, background studies take the
+        room they leave (the job's lease is renewed meanwhile)."""
+        assert self.state.batcher is not None
+        delay = _ROOM_WAIT_MIN_S
+        while True:
+            try:
+                return await self.state.batcher.submit_timed(request)
+            except OverloadedError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _ROOM_WAIT_MAX_S)
 
     async def _report(self, job: Job, scored: Sequence[_Scored]) -> None:
         """Build one SR per scored image (each reports one result and references its image)

@@ -22,6 +22,7 @@ from sqlalchemy import update
 
 from kg.home import kgdx_home
 from service.db import ServiceDatabase, utcnow
+from service.errors import OverloadedError
 from service.instances import InstanceRow, InstanceStore
 from service.jobs import JobQueue, job_srs, jobs
 from service.study_worker import StudyWorker, result_id_for, sr_uid_for
@@ -481,3 +482,27 @@ def test_the_worker_needs_a_database() -> None:
 
     with pytest.raises(ValueError, match="database"):
         StudyWorker(AppState(settings=Settings(), metrics=Metrics()))
+
+
+def test_a_full_inference_queue_is_waited_out_without_costing_a_try(
+    serve: Callable[..., Served], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backpressure from interactive requests delays a study; it does not fail it."""
+    served = serve(job_max_attempts=1)
+    batcher = served.client.app.state.kgdx.batcher
+    real = batcher.submit_timed
+    refused = {"n": 0}
+
+    async def full(*args: Any, **kwargs: Any) -> Any:
+        if refused["n"] < 5:
+            refused["n"] += 1
+            raise OverloadedError()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(batcher, "submit_timed", full)
+    study = generate_uid()
+    put(radiograph(study))
+    body = wait_for(served, study)
+    (job,) = body["jobs"]
+    assert (job["state"], job["attempts"], job["last_error"]) == ("done", 1, None)
+    assert refused["n"] == 5
