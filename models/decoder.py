@@ -7,6 +7,7 @@ training labels included) can be a query and get a logit (zero-shot).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,14 @@ class DecoderConfig:
             depending on which other findings are asked at the same time.
         target_bias: learn a query offset and a logit bias per trained target (default
             ``True``); concepts outside the targets (zero-shot) get zero bias.
+        patch_pooling: also score every image patch against each finding and pool the
+            patch scores by log-sum-exp (multiple-instance learning, as the ChestX-ray8
+            localisation baseline; Wang et al., CVPR 2017): the pooled score is added to the
+            finding's logit, and the pooling's softmax weights over the patches are the
+            finding's heat map (default ``False``: the heat map is the decoder's
+            cross-attention).
+        pool_sharpness: ``r`` of the log-sum-exp pooling ``(1/r) log mean exp(r s)``: near
+            0 it averages the patches, large it takes their maximum (default 5).
     """
 
     layers: int = 2  # decoder blocks
@@ -38,6 +47,8 @@ class DecoderConfig:
     dropout: float = 0.1  # attention and residual dropout
     self_attention: bool = True  # queries attend to each other in every block
     target_bias: bool = True  # learned per-target query offset and logit bias
+    patch_pooling: bool = False  # per-patch finding scores, LSE-pooled; heat map = their weights
+    pool_sharpness: float = 5.0  # r of the log-sum-exp pooling
 
     def __post_init__(self) -> None:
         if self.layers < 1:
@@ -49,6 +60,10 @@ class DecoderConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"decoder.dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.pool_sharpness) and self.pool_sharpness > 0):
+            raise ConfigError(
+                f"decoder.pool_sharpness must be a finite number > 0, got {self.pool_sharpness}"
+            )
 
 
 @dataclass
@@ -60,7 +75,8 @@ class DecoderOutput:
         token_attention: (B, K, S) last block's cross-attention over all fused tokens,
             heads averaged; zero at padded tokens.
         patch_attention: (B, K, P) ``token_attention`` over the first ``P`` (image) tokens,
-            renormalised to sum to 1 per query.
+            renormalised to sum to 1 per query; with ``patch_pooling``, the pooling's
+            softmax weights over the patches instead.
         entity_relevance: (B, K, N) ``token_attention @ fusion_attention`` when the fusion
             attention was given, else ``None``.
     """
@@ -142,6 +158,13 @@ class FindingDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         # Shared by every finding: the property that makes zero-shot scoring possible.
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+        self.patch_query: nn.Linear | None = None
+        self.patch_key: nn.Linear | None = None
+        self.patch_norm: nn.LayerNorm | None = None
+        if self.config.patch_pooling:  # also shared by every finding
+            self.patch_query = nn.Linear(dim, dim)
+            self.patch_key = nn.Linear(dim, dim)
+            self.patch_norm = nn.LayerNorm(dim)
 
     def forward(
         self,
@@ -168,9 +191,29 @@ class FindingDecoder(nn.Module):
         if logit_bias is not None:
             logits = logits + logit_bias
         attn = attn.expand(tokens.shape[0], -1, -1)  # (B, K, S)
-        patch = attn[..., :num_image_tokens]  # (B, K, P)
-        patch = patch / patch.sum(-1, keepdim=True).clamp_min(1e-12)
+        if self.patch_query is not None:
+            pooled, patch = self._pool_patches(h, tokens[:, :num_image_tokens])
+            logits = logits + pooled
+        else:
+            patch = attn[..., :num_image_tokens]  # (B, K, P)
+            patch = patch / patch.sum(-1, keepdim=True).clamp_min(1e-12)
         relevance = None
         if fusion_attention is not None:
             relevance = attn @ fusion_attention  # (B, K, S) @ (B, S, N) -> (B, K, N)
         return DecoderOutput(logits, attn, patch, relevance)
+
+    def _pool_patches(
+        self, h: torch.Tensor, patches: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-patch finding scores pooled by log-sum-exp.
+
+        Shapes: h (B, K, D), patches (B, P, D) -> pooled (B, K), weights (B, K, P).
+        """
+        assert self.patch_query is not None and self.patch_key is not None
+        assert self.patch_norm is not None
+        q = self.patch_query(self.norm(h))  # (B, K, D)
+        k = self.patch_key(self.patch_norm(patches))  # (B, P, D)
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, K, P)
+        r = self.config.pool_sharpness
+        pooled = (torch.logsumexp(r * scores, dim=-1) - math.log(scores.shape[-1])) / r
+        return pooled, torch.softmax(r * scores, dim=-1)

@@ -49,3 +49,35 @@ def test_head_is_shared_and_query_count_free() -> None:
     torch.testing.assert_close(one[:, 0], all5[:, 3])
     bias = torch.tensor([0.0, 0.0, 0.0, 2.0, 0.0])
     torch.testing.assert_close(dec(q, tokens, 16, logit_bias=bias).logits, all5 + bias)
+
+
+def test_patch_pooling_scores_patches_and_its_weights_are_the_heat_map() -> None:
+    """With patch pooling the heat map follows the patch that carries the evidence: a
+    patch made to match the finding's patch query takes the weight and raises the logit."""
+    torch.manual_seed(0)
+    cfg = DecoderConfig(layers=1, heads=4, ffn_mult=2, dropout=0.0, patch_pooling=True)
+    dec = FindingDecoder(32, cfg).eval()
+    plain = FindingDecoder(32, DecoderConfig(layers=1, heads=4, ffn_mult=2, dropout=0.0))
+    assert len(list(dec.parameters())) > len(list(plain.parameters()))
+    queries, tokens = torch.randn(2, 32), torch.randn(1, 20, 32) * 0.1
+    out = dec(queries, tokens, num_image_tokens=16)
+    assert out.patch_attention.shape == (1, 2, 16)
+    torch.testing.assert_close(out.patch_attention.sum(-1), torch.ones(1, 2))
+    # Gradient ascent on patch 5 alone, for finding 0: it takes the heat map's peak.
+    h, patches = torch.randn(1, 2, 32), torch.randn(1, 16, 32) * 0.1
+    pooled, _ = dec._pool_patches(h, patches)
+    for _ in range(30):
+        patches.requires_grad_(True)
+        dec._pool_patches(h, patches)[0][0, 0].backward()
+        assert patches.grad is not None
+        step = torch.zeros_like(patches)
+        step[0, 5] = 0.3 * patches.grad[0, 5] / patches.grad[0, 5].norm().clamp_min(1e-12)
+        patches = (patches + step).detach()
+    pooled2, weights = dec._pool_patches(h, patches)
+    assert int(weights[0, 0].argmax()) == 5
+    assert pooled2[0, 0] > pooled[0, 0]
+
+
+def test_pool_sharpness_is_checked() -> None:
+    with pytest.raises(Exception, match="pool_sharpness"):
+        DecoderConfig(pool_sharpness=0.0)
