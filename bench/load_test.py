@@ -12,7 +12,8 @@ What it does:
    inference queue (``KGDX_MAX_QUEUE``, default = the batch size) so that saturation is
    answered by 503 backpressure, and the study worker on (``KGDX_STABLE_SECONDS``), so
    the stored studies are scored by the same batcher while the load runs;
-2. **warm-up** (``--warmup-s``) at the highest concurrency level, not measured;
+2. **warm-up** (``--warmup-s``) at the highest concurrency level, not measured, and on
+   until a study sent by STOW-RS has been scored (every path, the study worker's too, has run);
 3. **ramp**: one phase per concurrency level, ``--levels`` times the batch size (default
    1x, 2x and 4x: at saturation and beyond), ``--minutes`` shared equally between them.
    Each client loops: ``POST /v1/predict`` with a real radiograph from
@@ -92,6 +93,8 @@ MAX_RETRY_WAIT_S = 10.0
 RSS_SAMPLE_S = 0.25
 #: Client keep-alive expiry, well below uvicorn's 5 s (see :func:`drive`).
 KEEPALIVE_S = 2.0
+#: The warm-up goes on (up to this long) until a study sent by STOW-RS has been scored.
+WARM_STUDY_WAIT_S = 90.0
 READY_TIMEOUT_S = 240.0  # the real checkpoint may compute its concept features on first start
 #: Full and short defaults of the options that have both.
 FULL = {
@@ -208,6 +211,16 @@ class Phase:
     retries: int = 0  # 503s answered by waiting Retry-After and sending again
     gave_up: int = 0  # requests still 503 after the retries (or at the phase's end)
     rss_end: int = 0
+
+    def merge(self, other: Phase) -> None:
+        """Add ``other``'s requests, statuses and latencies to this phase's."""
+        self.elapsed_s += other.elapsed_s
+        self.requests += other.requests
+        self.statuses.update(other.statuses)
+        self.retries += other.retries
+        self.gave_up += other.gave_up
+        for route, values in other.latencies_ms.items():
+            self.latencies_ms.setdefault(route, []).extend(values)
 
     def record(self, route: str, status: str, latency_ms: float | None) -> None:
         self.statuses[f"{route} {status}"] += 1
@@ -395,6 +408,19 @@ class Load:
             self.ledger.acked[study_uid] = acked
 
 
+async def a_study_is_done(client: Any, key: str, ledger: Ledger) -> bool:
+    """Whether some study acknowledged so far has been scored and reported (``done``)."""
+    auth = {"Authorization": f"Bearer {key}"}
+    for uid in list(ledger.acked)[:50]:
+        try:
+            response = await client.get(f"/v1/studies/{uid}", headers=auth)
+        except Exception:
+            return False
+        if response.status_code == 200 and response.json().get("status") == "done":
+            return True
+    return False
+
+
 async def verify(client: Any, key: str, ledger: Ledger, clients: int) -> dict[str, Any]:
     """Read back every predict result and every acknowledged STOW study."""
     import httpx
@@ -563,6 +589,15 @@ async def drive(
         phases: dict[str, Any] = {}
         if args.warmup_s > 0:
             warm = await load.run(Phase("warm-up", top, args.warmup_s))
+            # Warm means every path has run once, the study worker's too (selection,
+            # inference, SR): its first jobs start only after KGDX_STABLE_SECONDS, and the
+            # memory they take would otherwise count as growth.
+            deadline = time.monotonic() + WARM_STUDY_WAIT_S
+            while not await a_study_is_done(client, key, load.ledger):
+                if time.monotonic() > deadline:
+                    break
+                more = await load.run(Phase("warm-up", top, min(args.warmup_s, 2.0)))
+                warm.merge(more)
             warm.rss_end = rss.now()
             phases["warm-up"] = warm.figures()
             print_phase(warm)
@@ -578,13 +613,7 @@ async def drive(
             print_phase(phase)
         total = Phase("total", top, 0.0)
         for phase in measured:
-            total.elapsed_s += phase.elapsed_s
-            total.requests += phase.requests
-            total.statuses.update(phase.statuses)
-            total.retries += phase.retries
-            total.gave_up += phase.gave_up
-            for route, values in phase.latencies_ms.items():
-                total.latencies_ms.setdefault(route, []).extend(values)
+            total.merge(phase)
         total.rss_end = rss.now()
         phases["total"] = total.figures()
         print_phase(total)
