@@ -260,9 +260,13 @@ def make_engine(url: str | None = None) -> Engine:
         options = conn.get_execution_options()
         write = options.get("kgdx_write", False)
         if write and not memory:
-            # Outside a transaction, per connection: each write says how durable it must be.
+            # Per connection, outside a transaction, and only when it changes: each write
+            # says how durable it must be.
             sync = "FULL" if options.get("kgdx_durable", True) else "NORMAL"
-            conn.exec_driver_sql(f"PRAGMA synchronous = {sync}")
+            info = conn.connection.info
+            if info.get("kgdx_synchronous") != sync:
+                conn.exec_driver_sql(f"PRAGMA synchronous = {sync}")
+                info["kgdx_synchronous"] = sync
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine

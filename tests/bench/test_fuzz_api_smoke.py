@@ -9,18 +9,12 @@ unhandled in the server's log) with a final JSON line carrying every figure. It 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.kgdx_server import child_env
+from tests.bench.runner import run_bench
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench" / "fuzz_api.py"
 KEYS = {
     "operations",
     "cases",
@@ -38,20 +32,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(200)]
 
 
 def test_quick_run_passes_and_reports_every_figure(tmp_path: Path) -> None:
-    t0 = time.monotonic()
-    res = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
-        cwd=ROOT,
-        env=child_env(tmp_path / "unused-home"),
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
-    elapsed = time.monotonic() - t0
-    output = res.stdout + res.stderr
-    assert res.returncode == 0, output[-6000:]
-    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    run = run_bench("fuzz_api.py", ["--quick"], tmp_path / "unused-home", timeout_s=170)
+    assert run.returncode == 0, run.output[-6000:]
+    figures = run.figures
     assert not KEYS - set(figures), sorted(KEYS - set(figures))
     assert figures["pass"] is True and figures["quick"] is True
     assert figures["failures"] == [] and figures["failures_by_check"] == {}
@@ -69,6 +52,6 @@ def test_quick_run_passes_and_reports_every_figure(tmp_path: Path) -> None:
             assert "200" in statuses[op], (op, statuses[op])
     assert figures["cases"]["generated"] > ops["tested"]
     for line in ("operations tested", "cases generated", "failures by check", "wall time"):
-        assert line in res.stdout, line
+        assert line in run.stdout, line
     # No wall-clock assertion: speed lives in the figures; the subprocess timeout bounds it.
-    print(f"fuzz_api --quick: {elapsed:.1f} s, {figures['cases']['generated']} cases")
+    print(f"fuzz_api --quick: {run.elapsed_s:.1f} s, {figures['cases']['generated']} cases")

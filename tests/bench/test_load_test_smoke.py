@@ -8,38 +8,21 @@ and stored instance back, and must exit 0 with every figure printed. It takes ab
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.kgdx_server import child_env
+from tests.bench.runner import run_bench
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench" / "load_test.py"
 PHASES = ("warm-up", "1x", "2x", "4x", "total")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_short_mode_passes_and_prints_the_figures(tmp_path: Path) -> None:
-    t0 = time.monotonic()
-    res = subprocess.run(
-        [sys.executable, str(BENCH), "--short"],
-        cwd=ROOT,
-        env=child_env(tmp_path / "unused-home"),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    elapsed = time.monotonic() - t0
-    output = res.stdout + res.stderr
-    assert res.returncode == 0, output[-4000:]
-    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    run = run_bench("load_test.py", ["--short"], tmp_path / "unused-home", timeout_s=240)
+    assert run.returncode == 0, run.output[-4000:]
+    figures = run.figures
     assert figures["pass"] is True and figures["failures"] == []
     assert figures["mode"] == "short" and figures["checkpoint"] == "tiny"
     assert figures["levels"] == [4, 8, 16] and figures["max_queue"] == 4
@@ -58,6 +41,6 @@ def test_short_mode_passes_and_prints_the_figures(tmp_path: Path) -> None:
     assert verify["results_found"] == verify["results_expected"] > 0
     assert verify["instances_found"] == verify["instances_expected"] > 0
     for line in ("warm-up", "total", "server RSS:", "verified in", "PASS"):
-        assert line in res.stdout, line
+        assert line in run.stdout, line
     # No wall-clock assertion (speed lives in the figures); the subprocess timeout bounds it.
-    print(f"load_test --short: {elapsed:.1f} s")
+    print(f"load_test --short: {run.elapsed_s:.1f} s")

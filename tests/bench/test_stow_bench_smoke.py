@@ -7,38 +7,22 @@ the subprocess is stopped after 150 s.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.kgdx_server import child_env
+from tests.bench.runner import run_bench
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench" / "stow_bench.py"
 KEYS = {"checkpoint", "ingest", "memory", "orthanc", "errors", "misses", "pass", "targets"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
-    t0 = time.monotonic()
-    res = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--skip-orthanc"],
-        cwd=ROOT,
-        env=child_env(tmp_path / "unused-home"),
-        capture_output=True,
-        text=True,
-        timeout=150,
-        check=False,
-    )
-    elapsed = time.monotonic() - t0
-    output = res.stdout + res.stderr
-    assert res.returncode == 0, output[-4000:]
-    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    args = ["--quick", "--skip-orthanc"]
+    run = run_bench("stow_bench.py", args, tmp_path / "unused-home", timeout_s=150)
+    assert run.returncode == 0, run.output[-4000:]
+    figures = run.figures
     assert not KEYS - set(figures), sorted(KEYS - set(figures))
     assert figures["pass"] is True and figures["errors"] == [] and figures["misses"] == []
     assert figures["quick"] is True
@@ -53,7 +37,7 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert memory["rss_peak_mb"] >= memory["rss_start_mb"] > 0
     assert memory["rss_growth_mb"] < figures["targets"]["rss_growth_mb"]
     assert figures["orthanc"] == {"skipped": "--skip-orthanc"}
-    assert "STOW ingest" in res.stdout and "server RSS" in res.stdout
+    assert "STOW ingest" in run.stdout and "server RSS" in run.stdout
     # About 15-25 s on 2 busy cores; no wall-clock assertion (speed lives in the figures),
     # the subprocess timeout is the bound.
-    print(f"stow_bench --quick --skip-orthanc: {elapsed:.1f} s")
+    print(f"stow_bench --quick --skip-orthanc: {run.elapsed_s:.1f} s")
