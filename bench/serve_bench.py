@@ -16,7 +16,10 @@ Definitions:
                images decoded one by one, then ``InferencePipeline.run_batch`` on batches of
                ``max_batch_size``, as the server's worker would run them.
   HTTP         ``POST /v1/predict`` (multipart PNG, API key) to a ``kgdx serve`` subprocess,
-               from ``--concurrency`` concurrent httpx clients; throughput counts 200s.
+               over ``--concurrency`` keep-alive connections of a lean load generator
+               (requests encoded once, as wrk does: the client shares the 2 cores with the
+               server, and httpx would take about 1 ms of CPU per request from it);
+               throughput counts 200s.
   overhead     at concurrency 1: the client-observed latency (request sent -> whole response
                read) minus the server's own ``timings.decode_ms + inference_ms +
                explain_ms`` from the response. It holds the HTTP stack (parsing, multipart,
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -237,6 +241,55 @@ class Server:
 # ---------------------------------------------------------------------------------------------
 
 
+class RawClient:
+    """One keep-alive HTTP/1.1 connection that sends pre-encoded requests.
+
+    The load generator shares the server's CPU, so it must cost little: each request is
+    encoded once (headers and multipart body as bytes) and a response is read as a status
+    line, headers and ``Content-Length`` bytes, as wrk or hey would. httpx costs about a
+    millisecond of CPU per request here, which on 2 cores is taken from the server.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.writer is None or self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = dict(
+            (k.strip().lower(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines[1:])
+        )
+        if "content-length" not in headers:
+            raise ConnectionError(f"response without Content-Length (status {status})")
+        body = await self.reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
+def encode_request(url: str, key: str, body: bytes, content_type: str) -> bytes:
+    """``POST /v1/predict`` as the bytes on the wire."""
+    host = url.split("://", 1)[1]
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
 async def http_load(
     url: str,
     key: str,
@@ -248,44 +301,46 @@ async def http_load(
     parse: bool = False,
 ) -> Load:
     """``requests`` predict calls (or as many as ``seconds`` allow) from ``concurrency``
-    clients; with ``parse``, each response's server timings are read for the overhead."""
-    import httpx
-
+    keep-alive connections; with ``parse``, each response's server timings are read for the
+    overhead."""
     load = Load()
     issued = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        auth = {"Authorization": f"Bearer {key}"}
-        start = time.perf_counter()
-        deadline = start + seconds
+    raws = [encode_request(url, key, body, ctype) for body, ctype in bodies]
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    clients = [RawClient(host, int(port)) for _ in range(concurrency)]
+    start = time.perf_counter()
+    deadline = start + seconds
 
-        async def worker() -> None:
-            nonlocal issued
-            while issued < requests and time.perf_counter() < deadline:
-                body, content_type = bodies[issued % len(bodies)]
-                issued += 1
-                t0 = time.perf_counter()
-                try:
-                    response = await client.post(
-                        "/v1/predict", content=body, headers={**auth, "Content-Type": content_type}
-                    )
-                except httpx.HTTPError as e:
-                    load.errors[type(e).__name__] += 1
-                    continue
-                latency = (time.perf_counter() - t0) * 1e3
-                if response.status_code != 200:
-                    load.errors[str(response.status_code)] += 1
-                    continue
-                load.ok += 1
-                load.latencies_ms.append(latency)
-                if parse:
-                    timings = response.json()["timings"]
-                    server = timings["decode_ms"] + timings["inference_ms"] + timings["explain_ms"]
-                    load.overheads_ms.append(latency - server)
-                    load.queue_ms.append(timings["queue_ms"])
+    async def worker(client: RawClient) -> None:
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            raw = raws[issued % len(raws)]
+            issued += 1
+            t0 = time.perf_counter()
+            try:
+                status, body = await asyncio.wait_for(client.request(raw), 120)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
+                load.errors[type(e).__name__] += 1
+                await client.close()
+                continue
+            latency = (time.perf_counter() - t0) * 1e3
+            if status != 200:
+                load.errors[str(status)] += 1
+                continue
+            load.ok += 1
+            load.latencies_ms.append(latency)
+            if parse:
+                timings = json.loads(body)["timings"]
+                server = timings["decode_ms"] + timings["inference_ms"] + timings["explain_ms"]
+                load.overheads_ms.append(latency - server)
+                load.queue_ms.append(timings["queue_ms"])
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(worker(c) for c in clients))
+    finally:
         load.elapsed_s = time.perf_counter() - start
+        for c in clients:
+            await c.close()
     return load
 
 

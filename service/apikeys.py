@@ -164,11 +164,17 @@ class ApiKeyStore:
         raise RuntimeError("could not draw an unused API key id")
 
     def verify(self, presented: str) -> ApiKey | None:
-        """The key ``presented`` is, if it is valid and not revoked; else ``None``.
+        """The key ``presented`` is, if it is valid and not revoked; else ``None``; stamps its
+        ``last_used_at`` (see :meth:`touch`).
 
         Never raises on bad input. The secret's hash is compared with
         :func:`hmac.compare_digest`; an unknown key id costs the same comparison.
         """
+        key = self.find(presented)
+        return None if key is None else self.touch(key)
+
+    def find(self, presented: str) -> ApiKey | None:
+        """:meth:`verify` without the ``last_used_at`` stamp: one indexed read, no write."""
         parsed = parse_key(presented)
         if parsed is None:
             return None
@@ -183,18 +189,26 @@ class ApiKeyStore:
         matches = hmac.compare_digest(_hash(salt, secret), stored)
         if row is None or not matches or row.revoked_at is not None:
             return None
-        key = _to_key(row)
-        return self._touch(key)
+        return _to_key(row)
 
-    def _touch(self, key: ApiKey) -> ApiKey:
+    @staticmethod
+    def stamp_due(key: ApiKey) -> bool:
+        """Whether :meth:`touch` would write: ``last_used_at`` is unset or older than
+        :data:`LAST_USED_RESOLUTION`."""
+        if key.last_used_at is None:
+            return True
+        try:
+            return datetime.now(UTC) - datetime.fromisoformat(key.last_used_at) >= (
+                LAST_USED_RESOLUTION
+            )
+        except ValueError:
+            return True
+
+    def touch(self, key: ApiKey) -> ApiKey:
         """Stamp ``last_used_at`` if it is older than :data:`LAST_USED_RESOLUTION`."""
+        if not self.stamp_due(key):
+            return key
         now = datetime.now(UTC)
-        if key.last_used_at is not None:
-            try:
-                if now - datetime.fromisoformat(key.last_used_at) < LAST_USED_RESOLUTION:
-                    return key
-            except ValueError:
-                pass
         stamp = now.isoformat(timespec="microseconds")
         cutoff = (now - LAST_USED_RESOLUTION).isoformat(timespec="microseconds")
         try:

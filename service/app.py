@@ -141,6 +141,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.batcher is not None:
             await state.batcher.stop(drain=True, timeout_s=settings.drain_timeout_s)
         state.decode_pool.shutdown(wait=False, cancel_futures=True)
+        await anyio.to_thread.run_sync(state.results.close, settings.drain_timeout_s)
         state.store.close()
         state.db.close()
 

@@ -24,6 +24,7 @@ from models.inference import Predictor
 from models.outputs import KgdxOutput
 from models.transforms import Geometry
 from service.decode import DecodedImage, DecodeLimits, decode_image
+from service.png import gray_png
 
 #: Relations whose far end is a candidate diagnosis for a finding.
 DIAGNOSIS_RELATIONS = ("suggests", "associated_with")
@@ -269,12 +270,11 @@ class InferencePipeline:
 
 def thumbnail_png(pixels: np.ndarray, max_side: int = 512) -> bytes:
     """A small 8-bit PNG of the decoded image, kept for the overlay endpoint."""
-    import io
-
     from PIL import Image
 
-    image = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    image.thumbnail((max_side, max_side))
-    out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=1)  # fast; it is small anyway
-    return out.getvalue()
+    image = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if max(image.shape) > max_side:
+        small = Image.fromarray(image, mode="L")
+        small.thumbnail((max_side, max_side))
+        image = np.asarray(small)
+    return gray_png(image)

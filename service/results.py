@@ -1,9 +1,20 @@
 """Stored predictions: the response JSON, a small PNG of the input, and the versions used.
 
 A result is found by its id (``GET /v1/results/{id}``) or by its study
-(``GET /v1/studies/{StudyInstanceUID}``). The study UID is never stored in clear: the row
-keeps :func:`service.logs.hash_uid` of it and :meth:`ResultStore.by_study` hashes the UID it
-is asked about, so a replica must hash with the same salt (checked when the store opens).
+(``GET /v1/studies/{StudyInstanceUID}``).
+
+Two ways in. :meth:`ResultStore.put` writes before it returns (study jobs, and predict when
+results must be durable). :meth:`ResultStore.put_later` hands the row to one writer thread
+and returns at once, so ``POST /v1/predict`` answers without waiting for the database: the
+thread commits whatever has queued up in one transaction (group commit), and until then the
+row is served from memory, so a ``GET`` right after the answer finds it. What that costs: a
+process killed in the millisecond between answer and commit loses the stored copy (not the
+answer, which the client holds), the same exposure as SQLite's ``synchronous=NORMAL`` to a
+power cut; ``KGDX_DURABLE_RESULTS=1`` writes (and flushes) every result before answering.
+
+The study UID is never stored in clear: the row keeps :func:`service.logs.hash_uid` of it
+and :meth:`ResultStore.by_study` hashes the UID it is asked about, so a replica must hash
+with the same salt (checked when the store opens).
 
 Example::
 
@@ -15,13 +26,16 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from service.db import ServiceDatabase, results, utcnow
 from service.logs import hash_uid
@@ -30,6 +44,14 @@ __all__ = ["MAX_IMAGE_BYTES", "ResultStore", "StoredResult", "normalize_result_i
 
 #: Largest stored input PNG; the overlay needs a downsized copy, not the original.
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
+
+#: Rows waiting for the writer thread; past this, :meth:`ResultStore.put_later` writes itself
+#: (back-pressure when the database is slower than the answers).
+MAX_PENDING = 1024
+#: How often the writer retries a failed transaction before it gives the rows up.
+WRITE_TRIES = 5
+
+log = logging.getLogger("kgdx.results")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -88,10 +110,16 @@ class ResultStore:
         self.db = db
         self.durable = durable  # flush each result to disk (see ServiceDatabase.write)
         db.check_uid_salt()
+        self._pending: dict[str, dict[str, Any]] = {}  # id -> row, until committed
+        self._queue: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._writing = 0  # rows taken off the queue and not yet committed or given up
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
     def put(
         self,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | bytes,
         *,
         result_id: str | None = None,
         study_uid: str | None = None,
@@ -99,59 +127,139 @@ class ResultStore:
         model_version: str = "",
         ontology_version: str = "",
     ) -> str:
-        """Store a result; returns its id (a new uuid4 hex unless ``result_id`` is given).
+        """Store a result now; returns its id (a new uuid4 hex unless ``result_id`` is given).
+
+        ``payload`` is the response as a dict, or already encoded as UTF-8 JSON bytes.
 
         Raises:
             ValueError: ``payload`` is not a JSON-serializable dict, ``result_id`` is not a
                 uuid or is taken, or ``image_png`` is not a PNG of at most
                 :data:`MAX_IMAGE_BYTES`.
         """
-        if not isinstance(payload, dict):
-            raise ValueError(f"payload must be a dict, got {type(payload).__name__}")
-        try:
-            body = json.dumps(payload, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"payload is not JSON-serializable: {exc}") from exc
-        if result_id is None:
-            rid = uuid.uuid4().hex
-        else:
-            checked = normalize_result_id(result_id)
-            if checked is None:
-                raise ValueError(f"result_id must be 32 hex digits (a uuid), got {result_id!r}")
-            rid = checked
-        if image_png is not None:
-            if not isinstance(image_png, bytes | bytearray | memoryview):
-                raise ValueError(f"image_png must be bytes, got {type(image_png).__name__}")
-            image_png = bytes(image_png)
-            if not image_png.startswith(_PNG_SIGNATURE):
-                raise ValueError("image_png is not a PNG (bad signature)")
-            if len(image_png) > MAX_IMAGE_BYTES:
-                raise ValueError(
-                    f"image_png has {len(image_png)} bytes, more than {MAX_IMAGE_BYTES}; "
-                    "store a downsized copy"
-                )
+        row = _row(payload, result_id, study_uid, image_png, model_version, ontology_version)
         try:
             with self.db.write(durable=self.durable) as conn:
-                conn.execute(
-                    results.insert().values(
-                        id=rid,
-                        created_at=utcnow(),
-                        study_uid_hash=hash_uid(study_uid),
-                        model_version=str(model_version),
-                        ontology_version=str(ontology_version),
-                        payload=body,
-                        image_png=image_png,
-                    )
-                )
+                conn.execute(results.insert().values(**row))
         except IntegrityError:
-            raise ValueError(f"result id {rid} already exists") from None
-        return rid
+            raise ValueError(f"result id {row['id']} already exists") from None
+        return str(row["id"])
+
+    def put_later(
+        self,
+        payload: dict[str, Any] | bytes,
+        *,
+        result_id: str | None = None,
+        study_uid: str | None = None,
+        image_png: bytes | None = None,
+        model_version: str = "",
+        ontology_version: str = "",
+    ) -> str:
+        """Queue a result for the writer thread and return its id at once; reads see it
+        from now on (see the module docstring). Writes it now, like :meth:`put`, when
+        :data:`MAX_PENDING` rows are waiting or the store is closed.
+
+        Raises:
+            ValueError: as :meth:`put` (a taken id only when it is still pending).
+        """
+        row = _row(payload, result_id, study_uid, image_png, model_version, ontology_version)
+        rid = str(row["id"])
+        with self._cond:
+            if rid in self._pending:
+                raise ValueError(f"result id {rid} already exists")
+            if not self._closed and len(self._pending) < MAX_PENDING:
+                self._pending[rid] = row
+                self._queue.append(row)
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._write_loop, name="kgdx-results", daemon=True
+                    )
+                    self._thread.start()
+                self._cond.notify()
+                return rid
+        return self.put(
+            payload,
+            result_id=rid,
+            study_uid=study_uid,
+            image_png=image_png,
+            model_version=model_version,
+            ontology_version=ontology_version,
+        )
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued result is committed (or given up); ``False`` on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write what is queued, then stop the writer thread; later ``put_later`` calls
+        write at once."""
+        done = self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            lost = len(self._pending)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if not done:
+            log.error("closed with %d result(s) not yet written", lost)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+                self._writing = len(batch)
+            self._write(batch)
+            with self._cond:
+                for row in batch:
+                    self._pending.pop(row["id"], None)
+                self._writing = 0
+                self._cond.notify_all()
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        """Commit ``batch`` in one transaction, retrying a failing database a few times;
+        a row whose id is taken is logged and dropped without failing the others."""
+        for attempt in range(1, WRITE_TRIES + 1):
+            try:
+                with self.db.write(durable=self.durable) as conn:
+                    conn.execute(results.insert(), batch)
+                return
+            except IntegrityError:
+                if len(batch) > 1:  # find the clashing row: one transaction each
+                    for row in batch:
+                        self._write([row])
+                    return
+                log.error("result %s not stored: its id already exists", batch[0]["id"])
+                return
+            except SQLAlchemyError as exc:
+                if attempt == WRITE_TRIES:
+                    log.error(
+                        "%d result(s) not stored after %d tries: %s",
+                        len(batch),
+                        WRITE_TRIES,
+                        type(exc).__name__,
+                    )
+                    return
+                time.sleep(0.05 * 2**attempt)
 
     def get(self, result_id: str) -> StoredResult | None:
         """The result with this id; ``None`` when there is none or the id is malformed."""
         rid = normalize_result_id(result_id)
         if rid is None:
             return None
+        with self._cond:
+            pending = self._pending.get(rid)
+        if pending is not None:
+            return _pending_result(pending)
         with self.db.read() as conn:
             row = conn.execute(_SUMMARY.where(results.c.id == rid)).first()
         return None if row is None else _to_result(row)
@@ -161,6 +269,10 @@ class ResultStore:
         rid = normalize_result_id(result_id)
         if rid is None:
             return None
+        with self._cond:
+            pending = self._pending.get(rid)
+        if pending is not None:
+            return pending["image_png"]
         with self.db.read() as conn:
             data = conn.execute(select(results.c.image_png).where(results.c.id == rid)).scalar()
         return None if data is None else bytes(data)
@@ -172,13 +284,17 @@ class ResultStore:
         hashed = hash_uid(study_uid)
         if hashed is None:
             return []
+        with self._cond:
+            pending = [r for r in self._pending.values() if r["study_uid_hash"] == hashed]
         with self.db.read() as conn:
             rows = conn.execute(
                 _SUMMARY.where(results.c.study_uid_hash == hashed).order_by(
                     results.c.created_at, results.c.id
                 )
             ).all()
-        return [_to_result(r) for r in rows]
+        found = {r.id: _to_result(r) for r in rows}  # a row committed while we read is in both
+        found.update((r["id"], _pending_result(r)) for r in pending)
+        return sorted(found.values(), key=lambda r: (r.created_at, r.id))
 
 
 # Everything but the image bytes, which only the overlay endpoint needs.
@@ -203,4 +319,68 @@ def _to_result(row: Row[Any]) -> StoredResult:
         model_version=m["model_version"],
         ontology_version=m["ontology_version"],
         has_image=bool(m["has_image"]),
+    )
+
+
+def _row(
+    payload: dict[str, Any] | bytes,
+    result_id: str | None,
+    study_uid: str | None,
+    image_png: bytes | None,
+    model_version: str,
+    ontology_version: str,
+) -> dict[str, Any]:
+    """A checked ``svc_results`` row (see :meth:`ResultStore.put` for what is checked)."""
+    if isinstance(payload, bytes):
+        try:
+            body = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"payload bytes are not UTF-8 JSON: {exc}") from exc
+        if not body.startswith("{"):
+            raise ValueError("payload bytes must encode a JSON object")
+    elif isinstance(payload, dict):
+        try:
+            body = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"payload is not JSON-serializable: {exc}") from exc
+    else:
+        raise ValueError(f"payload must be a dict, got {type(payload).__name__}")
+    if result_id is None:
+        rid = uuid.uuid4().hex
+    else:
+        checked = normalize_result_id(result_id)
+        if checked is None:
+            raise ValueError(f"result_id must be 32 hex digits (a uuid), got {result_id!r}")
+        rid = checked
+    if image_png is not None:
+        if not isinstance(image_png, bytes | bytearray | memoryview):
+            raise ValueError(f"image_png must be bytes, got {type(image_png).__name__}")
+        image_png = bytes(image_png)
+        if not image_png.startswith(_PNG_SIGNATURE):
+            raise ValueError("image_png is not a PNG (bad signature)")
+        if len(image_png) > MAX_IMAGE_BYTES:
+            raise ValueError(
+                f"image_png has {len(image_png)} bytes, more than {MAX_IMAGE_BYTES}; "
+                "store a downsized copy"
+            )
+    return {
+        "id": rid,
+        "created_at": utcnow(),
+        "study_uid_hash": hash_uid(study_uid),
+        "model_version": str(model_version),
+        "ontology_version": str(ontology_version),
+        "payload": body,
+        "image_png": image_png,
+    }
+
+
+def _pending_result(row: dict[str, Any]) -> StoredResult:
+    return StoredResult(
+        id=row["id"],
+        created_at=row["created_at"],
+        payload=json.loads(row["payload"]),
+        study_uid_hash=row["study_uid_hash"],
+        model_version=row["model_version"],
+        ontology_version=row["ontology_version"],
+        has_image=row["image_png"] is not None,
     )

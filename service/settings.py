@@ -49,8 +49,10 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, le=256)  # intra-op threads; None = torch's
     max_stow_bytes: int = Field(4 * 2**30, ge=1024)  # one STOW-RS body -> 413 beyond
     max_stow_parts: int = Field(10_000, ge=1)  # instances in one STOW-RS body
-    # fsync each /v1/predict result and audit row; else crash-safe, but a power cut may lose
-    # the last few (see service/db.py). STOW-RS acknowledgements and jobs are always flushed.
+    # write and fsync each /v1/predict result before answering, and each audit row; else a
+    # result is committed by a writer thread right after its answer (readable at once; a
+    # crash in that millisecond or a power cut may lose the stored copy: service/results.py).
+    # STOW-RS acknowledgements and jobs are always flushed.
     durable_results: bool = False
     max_upload_bytes: int = Field(50 * 2**20, ge=1024)  # larger uploads -> 413
     # a deflated DICOM data set may inflate to this much (STOW-RS; /v1/predict allows

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import time
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
@@ -100,19 +101,24 @@ async def predict(
     if not payload["findings"]:
         raise UnprocessableImageError("the model returned no findings")
     thumb = await thumb_future
-    assert state.results is not None
-    await run_in_threadpool(
-        state.results.put,
-        payload,
+    # The payload was built by respond() to PredictResponse's shape (tests check it against
+    # the schema); it is encoded once, for the answer and the stored copy, without
+    # re-validating a large nested document.
+    body = orjson.dumps(payload)
+    results = state.results
+    assert results is not None
+    store = functools.partial(
+        results.put if results.durable else results.put_later,
+        body,
         result_id=str(payload["id"]),
         study_uid=decoded.dicom.study_uid if decoded.dicom else None,
         image_png=thumb,
         model_version=str(state.predictor.model_version),
         ontology_version=str(state.predictor.ontology_version),
     )
+    if results.durable:  # on disk before the answer (KGDX_DURABLE_RESULTS)
+        await run_in_threadpool(store)
+    else:  # committed by the writer thread right after; readable from now on
+        store()
     request.state.result_id = payload["id"]
-    # The payload was built by respond() to PredictResponse's shape (tests check it against
-    # the schema); writing it out directly saves re-validating a large nested document.
-    return Response(
-        content=json.dumps(payload, separators=(",", ":")), media_type="application/json"
-    )
+    return Response(content=body, media_type="application/json")

@@ -142,3 +142,127 @@ def test_oversized_image_is_refused(store: ResultStore, monkeypatch: pytest.Monk
     monkeypatch.setattr("service.results.MAX_IMAGE_BYTES", 10)
     with pytest.raises(ValueError, match="downsized"):
         store.put(PAYLOAD, image_png=tiny_png())
+
+
+# -- put_later: answered first, committed by the writer thread --------------------------------
+
+
+def _committed(db: ServiceDatabase, rid: str) -> bool:
+    with db.read() as conn:
+        return conn.execute(select(results.c.id).where(results.c.id == rid)).first() is not None
+
+
+def test_put_later_is_readable_at_once_and_committed_by_flush(
+    store: ResultStore, db: ServiceDatabase
+) -> None:
+    import threading
+
+    gate = threading.Event()
+    original = store._write
+
+    def held(batch: list[dict[str, Any]]) -> None:  # the writer waits until we have looked
+        gate.wait(10)
+        original(batch)
+
+    store._write = held  # type: ignore[method-assign]
+    png = tiny_png()
+    rid = store.put_later(b'{"findings":[1]}', study_uid=STUDY, image_png=png, model_version="m1")
+    assert not _committed(db, rid)  # still queued ...
+    got = store.get(rid)  # ... yet served from memory
+    assert got is not None and got.payload == {"findings": [1]} and got.has_image
+    assert got.model_version == "m1" and got.study_uid_hash == hash_uid(STUDY)
+    assert store.image(rid) == png
+    assert [r.id for r in store.by_study(STUDY)] == [rid]
+    gate.set()
+    assert store.flush(10)
+    assert _committed(db, rid)
+    assert store.get(rid) == got  # the same result from the database
+    assert [r.id for r in store.by_study(STUDY)] == [rid]
+
+
+def test_put_later_groups_rows_and_keeps_study_order(store: ResultStore) -> None:
+    ids = [store.put_later({"n": i}, study_uid=STUDY) for i in range(50)]
+    early = store.by_study(STUDY)  # some committed, some pending: each once, in order
+    assert [r.id for r in early] == ids[: len(early)] or sorted(r.id for r in early) == sorted(ids)
+    assert len({r.id for r in early}) == len(early) == 50
+    assert store.flush(10)
+    assert [r.payload["n"] for r in store.by_study(STUDY)] == list(range(50))
+
+
+def test_put_later_checks_like_put(store: ResultStore, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ValueError, match="JSON"):
+        store.put_later({"p": float("nan")})
+    with pytest.raises(ValueError, match="JSON object"):
+        store.put_later(b"[1, 2]")
+    with pytest.raises(ValueError, match="PNG"):
+        store.put_later(PAYLOAD, image_png=b"GIF89a")
+    import threading
+
+    gate = threading.Event()
+    original = store._write
+    store._write = lambda batch: (gate.wait(10), original(batch))  # type: ignore[method-assign]
+    rid = store.put_later(PAYLOAD)
+    with pytest.raises(ValueError, match="already exists"):
+        store.put_later(PAYLOAD, result_id=rid)  # still pending
+    gate.set()
+    store.flush(10)
+    rid = store.put_later(PAYLOAD)
+    store.flush(10)
+    store.put_later(PAYLOAD, result_id=rid)  # taken in the database: the writer says so
+    store.flush(10)
+    assert f"result {rid} not stored: its id already exists" in caplog.text
+
+
+def test_put_later_writes_itself_when_the_queue_is_full_or_closed(
+    store: ResultStore, db: ServiceDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.results as module
+
+    monkeypatch.setattr(module, "MAX_PENDING", 0)
+    rid = store.put_later(PAYLOAD)
+    assert _committed(db, rid)  # back-pressure: written before returning
+    monkeypatch.setattr(module, "MAX_PENDING", 1024)
+    store.close(10)
+    rid = store.put_later(PAYLOAD)
+    assert _committed(db, rid)
+
+
+def test_close_writes_what_is_queued(db: ServiceDatabase) -> None:
+    store = ResultStore(db)
+    ids = [store.put_later({"n": i}) for i in range(20)]
+    store.close(10)
+    assert all(_committed(db, rid) for rid in ids)
+
+
+def test_a_failing_database_is_retried_then_the_rows_given_up(
+    store: ResultStore,
+    db: ServiceDatabase,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from contextlib import contextmanager
+
+    from sqlalchemy.exc import OperationalError
+
+    import service.results as module
+
+    monkeypatch.setattr(module, "WRITE_TRIES", 2)
+    monkeypatch.setattr(module.time, "sleep", lambda s: None)
+    calls = []
+
+    @contextmanager
+    def broken(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        raise OperationalError("INSERT", {}, Exception("disk I/O error"))
+        yield
+
+    class Broken:  # the store's view of the database; the fixture's stays whole
+        write = staticmethod(broken)
+        read = staticmethod(db.read)
+
+    store.db = Broken()  # type: ignore[assignment]
+    rid = store.put_later(PAYLOAD)
+    assert store.flush(10)
+    assert len(calls) == 2
+    assert store.get(rid) is None  # given up: gone from memory, never in the database
+    assert "not stored after 2 tries: OperationalError" in caplog.text
