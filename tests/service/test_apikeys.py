@@ -164,6 +164,20 @@ def test_last_used_is_written_at_most_once_a_minute(keys: ApiKeyStore, db: Servi
     assert listed.last_used_at == later.last_used_at
 
 
+def test_find_reads_without_stamping_and_touch_stamps_when_due(keys: ApiKeyStore) -> None:
+    """The server checks keys with ``find`` (a read) and stamps with ``touch`` only when due."""
+    record, plaintext = keys.create("a", ["predict"])
+    found = keys.find(plaintext)
+    assert found is not None and found.key_id == record.key_id and found.last_used_at is None
+    assert keys.stamp_due(found)
+    stamped = keys.touch(found)
+    assert stamped.last_used_at is not None and not keys.stamp_due(stamped)
+    assert keys.touch(stamped) is stamped  # not due: no write
+    keys.revoke("a")
+    assert keys.find(plaintext) is None  # revocation is seen at once
+    assert keys.find("kgdx_nope") is None
+
+
 def test_has_scope() -> None:
     def key(*scopes: str, revoked: bool = False) -> ApiKey:
         return ApiKey("0123456789ab", "k", scopes, "2024-01-01", revoked, None)
