@@ -9,10 +9,11 @@ Splits (../shared/data/cxr/labels.csv):
           for training, early stopping, thresholds or any choice
 PneumoniaMNIST uses its own train / val / test arrays.
 
-Every arm is the recipe of models/configs/default.toml (backbone, image size, epochs, batch,
-learning rates, schedule, seed) with the split above and the few overrides that make the arm;
-``kg`` IS the default checkpoint's recipe. Arms (``--arms``, each in ``OUT/<arm>/``, skipped
-once its ``report.json`` exists unless ``--force``):
+Every arm is the recipe of models/configs/default.toml (backbone, image size, batch, learning
+rates, schedule, seed) at ``PROTOCOL_EPOCHS`` (10; the shipped checkpoint trains 20, so that
+the seven arms fit the 90-minute goal) with the split above and the few overrides that make
+the arm; ``kg`` is the default checkpoint's recipe at those epochs. Arms (``--arms``, each
+in ``OUT/<arm>/``, skipped once its ``report.json`` exists unless ``--force``):
 
   kg        kgdx, all labels                      nokg      the same, --no-kg
   densenet  plain MONAI DenseNet-121 + CAMs        plain     plain classifier on the recipe's
@@ -41,9 +42,10 @@ not run (``Error: ...`` on stderr).
 
 Usage:
   python bench/quality.py --plan                         # arms, settings, time estimates
-  python bench/quality.py                                # all default arms (~2.8 h, 2 CPUs)
-  python bench/quality.py --arms densenet,kg10,nokg10,mnist     # ~75 min
-  python bench/quality.py --arms kg,nokg,zeroshot --reuse kg=models/data/default  # ~62 min
+  python bench/quality.py                                # all default arms (~95 min, 2 CPUs)
+  python bench/quality.py --arms kg,nokg,kg10,nokg10     # the knowledge ablations, ~40 min
+  python bench/quality.py --arms kg --reuse kg=models/data/default --out runs/shipped  # the
+                                                         # shipped checkpoint, ~1 min
   python bench/quality.py --summary-only                 # figures from what OUT holds
 """
 
@@ -147,6 +149,11 @@ NOTES = [
 ]
 #: The whole protocol's time goal on the 2-core CPU, minutes.
 BUDGET_MINUTES = 90.0
+#: Every arm trains this many epochs (the default checkpoint's recipe trains 20): half the
+#: recipe, so that the seven arms fit the 90-minute goal. The bundled checkpoint is scored on
+#: the same test split apart from the protocol (``--reuse kg=models/data/default`` for its
+#: figures beside the arms', with its 20 epochs listed as a caveat).
+PROTOCOL_EPOCHS = 10
 
 EXIT_OK, EXIT_MISS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 
@@ -198,8 +205,8 @@ ARMS: dict[str, Arm] = {
             "kgdx, all labels (the default recipe)",
             "kgdx",
             overrides=_FULL,
-            estimate_minutes=31,
-            max_minutes=44,
+            estimate_minutes=17,
+            max_minutes=28,
             faithfulness=True,
         ),
         Arm(
@@ -208,8 +215,8 @@ ARMS: dict[str, Arm] = {
             "kgdx",
             no_kg=True,
             overrides=_FULL,
-            estimate_minutes=30,
-            max_minutes=44,
+            estimate_minutes=16,
+            max_minutes=28,
         ),
         Arm(
             "densenet",
@@ -217,16 +224,16 @@ ARMS: dict[str, Arm] = {
             "baseline",
             backbone="densenet121",
             overrides=_FULL,
-            estimate_minutes=61,
-            max_minutes=85,
+            estimate_minutes=33,
+            max_minutes=50,
         ),
         Arm(
             "kg10",
             "kgdx, 10% of the training patients",
             "kgdx",
             overrides=_LOW,
-            estimate_minutes=5,
-            max_minutes=10,
+            estimate_minutes=3,
+            max_minutes=8,
         ),
         Arm(
             "nokg10",
@@ -234,16 +241,16 @@ ARMS: dict[str, Arm] = {
             "kgdx",
             no_kg=True,
             overrides=_LOW,
-            estimate_minutes=5,
-            max_minutes=10,
+            estimate_minutes=3,
+            max_minutes=8,
         ),
         Arm(
             "zeroshot",
             "kgdx without the zero-shot findings",
             "kgdx",
             overrides=("data.label_fraction=1.0",),
-            estimate_minutes=31,
-            max_minutes=44,
+            estimate_minutes=17,
+            max_minutes=28,
         ),
         Arm(
             "mnist",
@@ -258,8 +265,8 @@ ARMS: dict[str, Arm] = {
             "plain classifier on the recipe's backbone, CAMs",
             "baseline",
             overrides=_FULL,
-            estimate_minutes=14,
-            max_minutes=22,
+            estimate_minutes=8,
+            max_minutes=14,
         ),
     )
 }
@@ -318,6 +325,7 @@ def arm_config(arm: Arm, opts: Options) -> TrainingConfig:
         f"data.labels={q(str(paths.labels))}",
         f"data.images={q(str(paths.images))}",
         f"train.max_minutes={arm.max_minutes}",
+        f"train.epochs={PROTOCOL_EPOCHS}",
     ]
     if arm.data == "cxr":
         base += [
@@ -1629,7 +1637,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, bool]:
         prog="bench/quality.py",
         description="The quality protocol: kgdx vs a plain DenseNet-121 and the --no-kg "
         "ablation on held-out radiographs, with CIs; exits 1 when a target is missed.",
-        epilog="Example: python bench/quality.py --arms kg,nokg --reuse kg=models/data/default",
+        epilog="Example: python bench/quality.py --arms kg,nokg,kg10,nokg10",
     )
     parser.add_argument(
         "--data",
