@@ -50,6 +50,9 @@ class ImageEncoderConfig:
         vit_hidden: ViT width (default 384, ViT-S).
         vit_layers: ViT depth (default 6).
         vit_heads: ViT heads (default 6).
+        resnet_stages: ResNet only: how many of its four stages run (default 4, total stride
+            32); 3 stops after ``layer3`` (stride 16: an 8 x 8 token grid at 128 px instead
+            of 4 x 4, for finer heat maps, at three quarters of the convolutions).
     """
 
     backbone: str = "densenet121"  # densenet121 | resnet18 | resnet34 | resnet50 | vit | cnn
@@ -61,6 +64,7 @@ class ImageEncoderConfig:
     vit_hidden: int = 384  # ViT only: width
     vit_layers: int = 6  # ViT only: depth
     vit_heads: int = 6  # ViT only: heads
+    resnet_stages: int = 4  # ResNet only: 3 = stop after layer3 (stride 16)
 
     def __post_init__(self) -> None:
         if self.backbone not in _BACKBONES:
@@ -73,6 +77,12 @@ class ImageEncoderConfig:
             raise ConfigError(f"image.out_dim must be >= 1, got {self.out_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"image.dropout must be in [0, 1), got {self.dropout}")
+        if self.resnet_stages not in (3, 4):
+            raise ConfigError(f"image.resnet_stages must be 3 or 4, got {self.resnet_stages}")
+        if self.resnet_stages != 4 and not self.backbone.startswith("resnet"):
+            raise ConfigError(
+                f"image.resnet_stages applies to ResNet backbones only, not {self.backbone!r}"
+            )
         if self.backbone == "vit" and self.image_size % self.patch_size:
             raise ConfigError(
                 f"image.image_size={self.image_size} must be a multiple of "
@@ -109,10 +119,12 @@ class _TinyCNN(nn.Module):
 
 
 class _MonaiResNetFeatures(nn.Module):
-    """A MONAI ResNet up to ``layer4``: no pooling, no classifier."""
+    """A MONAI ResNet up to ``layer4`` (or ``layer3`` with ``stages=3``): no pooling, no
+    classifier."""
 
-    def __init__(self, depth: str) -> None:
+    def __init__(self, depth: str, stages: int = 4) -> None:
         super().__init__()
+        self.stages = stages
         from monai.networks.nets import resnet18, resnet34, resnet50
 
         make = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}[depth]
@@ -125,11 +137,14 @@ class _MonaiResNetFeatures(nn.Module):
             conv1_t_stride=2,
             feed_forward=False,
         )
+        if stages == 3:
+            self.net.layer4 = nn.Sequential()  # no weights kept for a stage that never runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         x = n.maxpool(n.act(n.bn1(n.conv1(x))))
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        x = n.layer3(n.layer2(n.layer1(x)))
+        return x if self.stages == 3 else n.layer4(x)
 
 
 class _DenseNetFeatures(nn.Module):
@@ -185,7 +200,8 @@ class ImageEncoder(nn.Module):
 
     Shapes:
         images: (B, 1, H, W) -> tokens (B, P, D), ``P = rows * cols`` (``H / 32`` per side
-        for DenseNet121 and ResNet, ``H / 8`` for ``"cnn"``, ``H / patch_size`` for the ViT).
+        for DenseNet121 and ResNet, ``H / 16`` for a ResNet with ``resnet_stages = 3``,
+        ``H / 8`` for ``"cnn"``, ``H / patch_size`` for the ViT).
     """
 
     def __init__(self, config: ImageEncoderConfig):
@@ -197,7 +213,12 @@ class ImageEncoder(nn.Module):
         if name == "densenet121":
             self.backbone = _DenseNetFeatures()
         elif name in ("resnet", "resnet18", "resnet34", "resnet50"):
-            self.backbone = _MonaiResNetFeatures("resnet18" if name == "resnet" else name)
+            self.backbone = _MonaiResNetFeatures(
+                "resnet18" if name == "resnet" else name, config.resnet_stages
+            )
+            if config.resnet_stages == 3:
+                assert channels is not None
+                channels //= 2  # layer3 has half of layer4's channels
         elif name == "vit":
             self.backbone = _ViTFeatures(config)
             channels = config.vit_hidden

@@ -22,11 +22,22 @@ from models.image_encoder import ImageEncoder, ImageEncoderConfig
 )
 def test_patch_tokens(backbone: str, size: int, grid: tuple[int, int]) -> None:
     cfg = ImageEncoderConfig(backbone=backbone, image_size=size, out_dim=32, vit_layers=2)
+    _check_tokens(cfg, size, grid)
+
+
+def test_three_resnet_stages_halve_the_stride() -> None:
+    cfg = ImageEncoderConfig(backbone="resnet18", image_size=64, out_dim=32, resnet_stages=3)
+    enc = _check_tokens(cfg, 64, (4, 4))  # stride 16, not 32
+    assert not any(name.startswith("backbone.net.layer4") for name, _ in enc.named_parameters())
+
+
+def _check_tokens(cfg: ImageEncoderConfig, size: int, grid: tuple[int, int]) -> ImageEncoder:
     enc = ImageEncoder(cfg).eval()
     out = enc(torch.randn(2, 1, size, size))
     assert out.grid == grid
     assert out.tokens.shape == (2, grid[0] * grid[1], 32)
     assert torch.isfinite(out.tokens).all()
+    return enc
 
 
 def test_tokens_are_row_major() -> None:
@@ -51,6 +62,10 @@ def test_config_validation() -> None:
         ImageEncoderConfig(backbone="vgg")
     with pytest.raises(ConfigError, match="patch_size"):
         ImageEncoderConfig(backbone="vit", image_size=40, patch_size=16)
+    with pytest.raises(ConfigError, match="resnet_stages must be 3 or 4"):
+        ImageEncoderConfig(backbone="resnet18", resnet_stages=2)
+    with pytest.raises(ConfigError, match="ResNet backbones only"):
+        ImageEncoderConfig(backbone="densenet121", resnet_stages=3)
 
 
 def test_pretrained_safetensors(tmp_path: Path) -> None:
