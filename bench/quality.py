@@ -202,7 +202,7 @@ ARMS: dict[str, Arm] = {
     for a in (
         Arm(
             "kg",
-            "kgdx, all labels (the default recipe)",
+            "kgdx, all labels (the default recipe at 10 epochs)",
             "kgdx",
             overrides=_FULL,
             estimate_minutes=17,
