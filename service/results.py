@@ -218,12 +218,16 @@ class ResultStore:
                     return
                 batch, self._queue = self._queue, []
                 self._writing = len(batch)
-            self._write(batch)
-            with self._cond:
-                for row in batch:
-                    self._pending.pop(row["id"], None)
-                self._writing = 0
-                self._cond.notify_all()
+            try:
+                self._write(batch)
+            except Exception:  # never let the thread die: later rows would wait forever
+                log.exception("%d result(s) not stored", len(batch))
+            finally:
+                with self._cond:
+                    for row in batch:
+                        self._pending.pop(row["id"], None)
+                    self._writing = 0
+                    self._cond.notify_all()
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         """Commit ``batch`` in one transaction, retrying a failing database a few times;

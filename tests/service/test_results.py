@@ -266,3 +266,24 @@ def test_a_failing_database_is_retried_then_the_rows_given_up(
     assert len(calls) == 2
     assert store.get(rid) is None  # given up: gone from memory, never in the database
     assert "not stored after 2 tries: OperationalError" in caplog.text
+
+
+def test_the_writer_survives_an_unexpected_error(
+    store: ResultStore, db: ServiceDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    original = store._write
+    calls = []
+
+    def flaky(batch: list[dict[str, Any]]) -> None:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        original(batch)
+
+    store._write = flaky  # type: ignore[method-assign]
+    lost = store.put_later(PAYLOAD)
+    assert store.flush(10)
+    kept = store.put_later(PAYLOAD)  # the thread is still there to write it
+    assert store.flush(10)
+    assert store.get(lost) is None and _committed(db, kept)
+    assert "1 result(s) not stored" in caplog.text
