@@ -600,18 +600,7 @@ class GraphStore:
                 ),
                 (s.id,),
             ).all()
-            concepts = {
-                r[0]: Concept(
-                    id=r[0],
-                    label=r[1],
-                    synonyms=_load(r[3]),
-                    definition=r[2],
-                    xrefs=_load(r[4]),
-                    obsolete=bool(r[5]),
-                    replaced_by=_load(r[6]),
-                )
-                for r in crow
-            }
+            concepts = {r[0]: _concept(r) for r in crow}
             ids = [r[0] for r in crow]
             rrows = conn.exec_driver_sql(
                 self._sql(
@@ -678,15 +667,7 @@ class GraphStore:
             )
         if r is None:
             raise NotFoundError(f"unknown concept id {concept_id!r} in {s.info.ref}")
-        return Concept(
-            id=r[0],
-            label=r[1],
-            synonyms=_load(r[3]),
-            definition=r[2],
-            xrefs=_load(r[4]),
-            obsolete=bool(r[5]),
-            replaced_by=_load(r[6]),
-        )
+        return _concept(r)
 
     def search(self, text: str, ref: str | None = None, limit: int = 20) -> list[SearchHit]:
         """Concepts whose label, synonym or id matches ``text``, best first.
@@ -901,6 +882,20 @@ def _gc_paused() -> Iterator[None]:
 
 def _dump(values: Sequence[str]) -> str | None:
     return json.dumps(list(values), ensure_ascii=False) if values else None
+
+
+def _concept(r: Any) -> Concept:
+    """A :class:`Concept` from a row of ``concept_id, label, definition, synonyms, xrefs,
+    obsolete, replaced_by``."""
+    return Concept(
+        id=r[0],
+        label=r[1],
+        synonyms=_load(r[3]),
+        definition=r[2],
+        xrefs=_load(r[4]),
+        obsolete=bool(r[5]),
+        replaced_by=_load(r[6]),
+    )
 
 
 def _load(text: str | None) -> tuple[str, ...]:

@@ -136,7 +136,11 @@ class ResultStore:
                 uuid or is taken, or ``image_png`` is not a PNG of at most
                 :data:`MAX_IMAGE_BYTES`.
         """
-        row = _row(payload, result_id, study_uid, image_png, model_version, ontology_version)
+        return self._insert(
+            _row(payload, result_id, study_uid, image_png, model_version, ontology_version)
+        )
+
+    def _insert(self, row: dict[str, Any]) -> str:
         try:
             with self.db.write(durable=self.durable) as conn:
                 conn.execute(results.insert().values(**row))
@@ -176,14 +180,7 @@ class ResultStore:
                     self._thread.start()
                 self._cond.notify()
                 return rid
-        return self.put(
-            payload,
-            result_id=rid,
-            study_uid=study_uid,
-            image_png=image_png,
-            model_version=model_version,
-            ontology_version=ontology_version,
-        )
+        return self._insert(row)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every queued result is committed (or given up); ``False`` on timeout."""
