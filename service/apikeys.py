@@ -180,8 +180,7 @@ class ApiKeyStore:
             return None
         key_id, secret = parsed
         try:
-            with self.db.read() as conn:
-                row = conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).first()
+            row = self.db.read_one(api_keys, api_keys.c.key_id, key_id)
         except SQLAlchemyError as exc:
             log.warning("API key lookup failed: %s", type(exc).__name__)
             return None

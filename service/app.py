@@ -142,6 +142,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await state.batcher.stop(drain=True, timeout_s=settings.drain_timeout_s)
         state.decode_pool.shutdown(wait=False, cancel_futures=True)
         await anyio.to_thread.run_sync(state.results.close, settings.drain_timeout_s)
+        if state.audit is not None:
+            await anyio.to_thread.run_sync(state.audit.close, settings.drain_timeout_s)
         state.store.close()
         state.db.close()
 

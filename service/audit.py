@@ -6,6 +6,13 @@ The database refuses to change or delete rows (triggers on ``svc_audit``, see
 :mod:`service.db`), so the trail cannot be rewritten through the application. Recording
 never fails a request: a database error becomes a warning in the log.
 
+The service records with :meth:`AuditLog.record_later`: the row is stamped when the request
+ends and committed a moment later by a writer thread, together with whatever else has
+queued up (group commit, :mod:`service.write_behind`), so a request pays neither a thread
+hop nor a transaction for its audit row. A row is exposed to a crash for that moment only,
+as before (it was always written after the answer); shutdown writes what is queued, and
+:meth:`AuditLog.recent` reads this process's queued rows too.
+
 Example::
 
     log = AuditLog(db)
@@ -27,13 +34,16 @@ from typing import Any
 from sqlalchemy import select
 
 from service.db import ServiceDatabase, audit, utcnow
+from service.write_behind import LINGER_S, WriteBehind
 
-__all__ = ["MAX_RECENT", "OUTCOMES", "AuditLog", "AuditRecord", "outcome_for_status"]
+__all__ = ["MAX_PENDING", "MAX_RECENT", "OUTCOMES", "AuditLog", "AuditRecord", "outcome_for_status"]
 
 log = logging.getLogger(__name__)
 
 #: How a request ended. ``rejected``: refused before any work (auth, scope, backpressure).
 OUTCOMES = ("ok", "client_error", "server_error", "rejected")
+#: Rows queued by :meth:`AuditLog.record_later` before it refuses (the caller then writes).
+MAX_PENDING = 4096
 #: Most rows :meth:`AuditLog.recent` returns at once.
 MAX_RECENT = 10_000
 
@@ -92,32 +102,15 @@ class AuditLog:
     def __init__(self, db: ServiceDatabase, *, durable: bool = True):
         self.db = db
         self.durable = durable  # flush each row to disk (see ServiceDatabase.write)
+        self._writer: WriteBehind[dict[str, Any]] = WriteBehind(
+            self._insert, name="kgdx-audit", max_pending=MAX_PENDING, linger_s=LINGER_S
+        )
 
     def record(self, rec: AuditRecord) -> None:
-        """Append one row stamped with the current time; never raises (logs a warning)."""
+        """Append one row now, stamped with the current time; never raises (logs a
+        warning)."""
         try:
-            timings = {
-                str(k): float(v)
-                for k, v in rec.timings.items()
-                if isinstance(v, int | float) and math.isfinite(v)
-            }
-            with self.db.write(durable=self.durable) as conn:
-                conn.execute(
-                    audit.insert().values(
-                        created_at=utcnow(),
-                        request_id=str(rec.request_id)[:64],
-                        key_id=rec.key_id,
-                        route=str(rec.route)[:200],
-                        method=str(rec.method).upper()[:10],
-                        status=int(rec.status),
-                        outcome=rec.outcome,
-                        study_uid_hash=rec.study_uid_hash,
-                        instance_uid_hash=rec.instance_uid_hash,
-                        model_version=rec.model_version,
-                        ontology_version=rec.ontology_version,
-                        timings=json.dumps(timings, sort_keys=True),
-                    )
-                )
+            self._insert([_row(rec)])
         except Exception as exc:
             # The engine hides bound parameters, so the message names no values.
             log.warning(
@@ -127,10 +120,34 @@ class AuditLog:
                 extra={"route": rec.route, "status": rec.status},
             )
 
+    def record_later(self, rec: AuditRecord) -> bool:
+        """Stamp the row now and queue it for the writer thread, which commits what has
+        queued up in one transaction; never raises. ``False`` (nothing queued) when
+        :data:`MAX_PENDING` rows wait or the log is closed: then call :meth:`record`."""
+        try:
+            row = _row(rec)
+        except Exception as exc:
+            log.warning("audit record not written: %s", type(exc).__name__)
+            return True
+        return self._writer.submit(row)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued row is committed (or given up); ``False`` on timeout."""
+        return self._writer.flush(timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write what is queued and stop the writer thread."""
+        self._writer.close(timeout_s)
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        with self.db.write(durable=self.durable) as conn:
+            conn.execute(audit.insert(), rows)
+
     def recent(self, limit: int = 100) -> list[dict[str, Any]]:
         """The latest ``limit`` rows, newest first, as dicts (``timings`` decoded)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RECENT:
             raise ValueError(f"limit must be an integer from 1 to {MAX_RECENT}, got {limit!r}")
+        self.flush()  # rows this process queued come first
         with self.db.read() as conn:
             rows = conn.execute(select(audit).order_by(audit.c.id.desc()).limit(limit)).all()
         out = []
@@ -139,3 +156,26 @@ class AuditLog:
             d["timings"] = json.loads(d["timings"])
             out.append(d)
         return out
+
+
+def _row(rec: AuditRecord) -> dict[str, Any]:
+    """The ``svc_audit`` row of ``rec``, stamped now; non-finite timings are left out."""
+    timings = {
+        str(k): float(v)
+        for k, v in rec.timings.items()
+        if isinstance(v, int | float) and math.isfinite(v)
+    }
+    return {
+        "created_at": utcnow(),
+        "request_id": str(rec.request_id)[:64],
+        "key_id": rec.key_id,
+        "route": str(rec.route)[:200],
+        "method": str(rec.method).upper()[:10],
+        "status": int(rec.status),
+        "outcome": rec.outcome,
+        "study_uid_hash": rec.study_uid_hash,
+        "instance_uid_hash": rec.instance_uid_hash,
+        "model_version": rec.model_version,
+        "ontology_version": rec.ontology_version,
+        "timings": json.dumps(timings, sort_keys=True),
+    }

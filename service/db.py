@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,11 +64,12 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from kg.home import default_db_url
 from kg.store import _normalize_url
+from service.sqlite_reader import SqliteReader
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -298,6 +300,12 @@ class ServiceDatabase:
         self._write_lock: threading.RLock | None = (
             threading.RLock() if sqlite and self._memory_lock is None else None
         )
+        # Hot-path single-row reads of a SQLite file bypass SQLAlchemy (see read_one).
+        self._reader: SqliteReader | None = (
+            SqliteReader(Path(database), busy_timeout_s=BUSY_TIMEOUT_S)
+            if self._write_lock is not None
+            else None
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -308,6 +316,8 @@ class ServiceDatabase:
 
     def close(self) -> None:
         """Release pooled connections (unless the engine was handed in)."""
+        if self._reader is not None:
+            self._reader.close()
         if self._owns_engine:
             self.engine.dispose()
 
@@ -327,6 +337,26 @@ class ServiceDatabase:
         """A connection in a read transaction."""
         with self._turn(), self.engine.connect() as conn, conn.begin():
             yield conn
+
+    def read_one(self, table: Table, column: Column[Any], value: object) -> Any | None:
+        """The row of ``table`` whose ``column`` equals ``value`` (attribute access by
+        column name), or ``None``; for lookups on a request's hot path.
+
+        On a SQLite file the read goes straight through ``sqlite3``
+        (:class:`~service.sqlite_reader.SqliteReader`), about 20 microseconds instead of
+        100-500; elsewhere it is a SQLAlchemy ``SELECT`` in a read transaction.
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: the database cannot be read.
+        """
+        if self._reader is None:
+            with self.read() as conn:
+                return conn.execute(select(table).where(column == value)).first()
+        sql = f'SELECT * FROM "{table.name}" WHERE "{column.name}" = ?'
+        try:
+            return self._reader.one(sql, (value,))
+        except sqlite3.Error as exc:
+            raise OperationalError(sql, None, exc) from exc
 
     @contextmanager
     def write(self, *, durable: bool = True) -> Iterator[Connection]:

@@ -1,7 +1,8 @@
 """Per-request plumbing as plain ASGI middleware: request id, size guard, metrics, logs, audit.
 
-The audit record is written after the response has gone out, so it adds no latency; it is
-written for every request to ``/v1`` and ``/dicomweb`` routes, whatever the outcome.
+The audit record is queued after the response has gone out and committed by the audit log's
+writer thread, so it adds no latency; it is written for every request to ``/v1`` and
+``/dicomweb`` routes, whatever the outcome.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ class RequestContextMiddleware:
             timings={"total_ms": round(elapsed * 1e3, 3)},
             request_id=request_id,
         )
-        await run_in_threadpool(audit.record, record)
+        if not audit.record_later(record):  # the writer is full or closed: write it here
+            await run_in_threadpool(audit.record, record)
 
 
 def _limited(receive: Receive, limit: int) -> Receive:

@@ -156,17 +156,8 @@ def respond(
                 "positive": bool(f.probability >= threshold),
                 "heatmap": None
                 if heat is None
-                else {
-                    k: heat[k] for k in ("rows", "cols", "values", "peak", "extent") if k in heat
-                },
-                "evidence": [
-                    {
-                        "concept": {"id": e.concept_id, "label": e.label},
-                        "relevance": e.to_dict()["relevance"],
-                    }
-                    for e in f.evidence
-                    if not e.is_self
-                ],
+                else {k: heat[k] for k in _HEATMAP_KEYS if k in heat},
+                "evidence": [_evidence(e) for e in f.evidence if not e.is_self],
                 "paths": item.paths.get(f.concept_id, []),
             }
         )

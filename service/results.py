@@ -29,16 +29,16 @@ import json
 import logging
 import re
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from service.db import ServiceDatabase, results, utcnow
 from service.logs import hash_uid
+from service.write_behind import LINGER_S, WriteBehind
 
 __all__ = ["MAX_IMAGE_BYTES", "ResultStore", "StoredResult", "normalize_result_id"]
 
@@ -111,11 +111,15 @@ class ResultStore:
         self.durable = durable  # flush each result to disk (see ServiceDatabase.write)
         db.check_uid_salt()
         self._pending: dict[str, dict[str, Any]] = {}  # id -> row, until committed
-        self._queue: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        self._writing = 0  # rows taken off the queue and not yet committed or given up
-        self._closed = False
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._writer: WriteBehind[dict[str, Any]] = WriteBehind(
+            lambda batch: self._write(batch),
+            name="kgdx-results",
+            max_pending=MAX_PENDING,
+            tries=WRITE_TRIES,
+            linger_s=LINGER_S,
+            written=self._forget,
+        )
 
     def put(
         self,
@@ -167,97 +171,49 @@ class ResultStore:
         """
         row = _row(payload, result_id, study_uid, image_png, model_version, ontology_version)
         rid = str(row["id"])
-        with self._cond:
+        with self._lock:
             if rid in self._pending:
                 raise ValueError(f"result id {rid} already exists")
-            if not self._closed and len(self._pending) < MAX_PENDING:
-                self._pending[rid] = row
-                self._queue.append(row)
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._write_loop, name="kgdx-results", daemon=True
-                    )
-                    self._thread.start()
-                self._cond.notify()
+            self._pending[rid] = row  # before the writer can have committed (and forgotten) it
+            if self._writer.submit(row):
                 return rid
+            del self._pending[rid]
         return self._insert(row)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every queued result is committed (or given up); ``False`` on timeout."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while self._queue or self._writing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+        return self._writer.flush(timeout_s)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write what is queued, then stop the writer thread; later ``put_later`` calls
         write at once."""
-        done = self.flush(timeout_s)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            lost = len(self._pending)
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        if not done:
-            log.error("closed with %d result(s) not yet written", lost)
+        self._writer.close(timeout_s)
 
-    def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch, self._queue = self._queue, []
-                self._writing = len(batch)
-            try:
-                self._write(batch)
-            except Exception:  # never let the thread die: later rows would wait forever
-                log.exception("%d result(s) not stored", len(batch))
-            finally:
-                with self._cond:
-                    for row in batch:
-                        self._pending.pop(row["id"], None)
-                    self._writing = 0
-                    self._cond.notify_all()
+    def _forget(self, batch: list[dict[str, Any]]) -> None:
+        """Rows committed (or given up) are no longer served from memory."""
+        with self._lock:
+            for row in batch:
+                self._pending.pop(row["id"], None)
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
-        """Commit ``batch`` in one transaction, retrying a failing database a few times;
-        a row whose id is taken is logged and dropped without failing the others."""
-        for attempt in range(1, WRITE_TRIES + 1):
-            try:
-                with self.db.write(durable=self.durable) as conn:
-                    conn.execute(results.insert(), batch)
-                return
-            except IntegrityError:
-                if len(batch) > 1:  # find the clashing row: one transaction each
-                    for row in batch:
-                        self._write([row])
-                    return
+        """Commit ``batch`` in one transaction (the writer retries a failing database); a
+        row whose id is taken is logged and dropped without failing the others."""
+        try:
+            with self.db.write(durable=self.durable) as conn:
+                conn.execute(results.insert(), batch)
+        except IntegrityError:
+            if len(batch) == 1:
                 log.error("result %s not stored: its id already exists", batch[0]["id"])
                 return
-            except SQLAlchemyError as exc:
-                if attempt == WRITE_TRIES:
-                    log.error(
-                        "%d result(s) not stored after %d tries: %s",
-                        len(batch),
-                        WRITE_TRIES,
-                        type(exc).__name__,
-                    )
-                    return
-                time.sleep(0.05 * 2**attempt)
+            for row in batch:  # find the clashing row: one transaction each
+                self._write([row])
 
     def get(self, result_id: str) -> StoredResult | None:
         """The result with this id; ``None`` when there is none or the id is malformed."""
         rid = normalize_result_id(result_id)
         if rid is None:
             return None
-        with self._cond:
+        with self._lock:
             pending = self._pending.get(rid)
         if pending is not None:
             return _pending_result(pending)
@@ -270,7 +226,7 @@ class ResultStore:
         rid = normalize_result_id(result_id)
         if rid is None:
             return None
-        with self._cond:
+        with self._lock:
             pending = self._pending.get(rid)
         if pending is not None:
             return pending["image_png"]
@@ -285,7 +241,7 @@ class ResultStore:
         hashed = hash_uid(study_uid)
         if hashed is None:
             return []
-        with self._cond:
+        with self._lock:
             pending = [r for r in self._pending.values() if r["study_uid_hash"] == hashed]
         with self.db.read() as conn:
             rows = conn.execute(

@@ -27,9 +27,10 @@ router = APIRouter(prefix="/v1", tags=["predict"])
 _ERRORS = error_responses(*KEY_ERRORS, 400, 413, 415, 422, 503, 504)
 
 
-def require_form_upload(request: Request) -> None:
+async def require_form_upload(request: Request) -> None:
     """415 for a body that is not ``multipart/form-data`` (a bare image, JSON), which would
-    otherwise be answered as a form that lacks its ``file`` field."""
+    otherwise be answered as a form that lacks its ``file`` field. (``async``: FastAPI runs a
+    plain ``def`` dependency in the thread pool.)"""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "multipart/form-data":
         got = repr(media_type[:100]) if media_type else "no Content-Type"

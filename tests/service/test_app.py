@@ -321,6 +321,8 @@ def test_audit_records_each_request(served: Served) -> None:
 
     _predict(served)
     served.client.get("/v1/ontologies")
+    audit = served.client.app.state.kgdx.audit  # type: ignore[attr-defined]
+    assert audit.flush(10)  # rows are committed by the audit writer thread
     db = ServiceDatabase()
     try:
         rows = AuditLog(db).recent(10)

@@ -134,3 +134,25 @@ def test_recent_limit_is_checked(db: ServiceDatabase, limit: Any) -> None:
 )
 def test_outcome_for_status(status: int, outcome: str) -> None:
     assert outcome_for_status(status) == outcome
+
+
+def test_record_later_is_committed_by_the_writer_and_read_back(db: ServiceDatabase) -> None:
+    log = AuditLog(db)
+    for i in range(25):
+        assert log.record_later(rec(request_id=f"req-{i}"))
+    rows = log.recent(limit=30)  # reads what this process queued, too
+    assert [r["request_id"] for r in rows] == [f"req-{i}" for i in reversed(range(25))]
+    log.record_later(rec(request_id="req-last"))
+    log.close(10)  # writes what is queued
+    assert AuditLog(db).recent(limit=1)[0]["request_id"] == "req-last"
+    assert not log.record_later(rec())  # closed: the caller writes it with record()
+
+
+def test_record_later_never_raises(tmp_home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with ServiceDatabase() as db, caplog.at_level(logging.WARNING):
+        log = AuditLog(db)
+        log._writer.tries = 1
+        assert log.record_later(rec(request_id="req-planted-9c1d"))
+        assert log.flush(10)
+    assert "kgdx-audit: 1 row(s) not stored after 1 tries" in caplog.text
+    assert "req-planted-9c1d" not in caplog.text

@@ -215,12 +215,11 @@ def test_put_later_checks_like_put(store: ResultStore, caplog: pytest.LogCapture
 def test_put_later_writes_itself_when_the_queue_is_full_or_closed(
     store: ResultStore, db: ServiceDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.results as module
-
-    monkeypatch.setattr(module, "MAX_PENDING", 0)
+    monkeypatch.setattr(store._writer, "max_pending", 0)
     rid = store.put_later(PAYLOAD)
     assert _committed(db, rid)  # back-pressure: written before returning
-    monkeypatch.setattr(module, "MAX_PENDING", 1024)
+    assert store.get(rid) is not None
+    monkeypatch.setattr(store._writer, "max_pending", 1024)
     store.close(10)
     rid = store.put_later(PAYLOAD)
     assert _committed(db, rid)
@@ -243,10 +242,8 @@ def test_a_failing_database_is_retried_then_the_rows_given_up(
 
     from sqlalchemy.exc import OperationalError
 
-    import service.results as module
-
-    monkeypatch.setattr(module, "WRITE_TRIES", 2)
-    monkeypatch.setattr(module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(store._writer, "tries", 2)
+    monkeypatch.setattr("service.write_behind.time.sleep", lambda s: None)
     calls = []
 
     @contextmanager
@@ -285,4 +282,4 @@ def test_the_writer_survives_an_unexpected_error(
     kept = store.put_later(PAYLOAD)  # the thread is still there to write it
     assert store.flush(10)
     assert store.get(lost) is None and _committed(db, kept)
-    assert "1 result(s) not stored" in caplog.text
+    assert "kgdx-results: 1 row(s) not stored" in caplog.text
