@@ -144,9 +144,10 @@ def respond(
 ) -> dict[str, Any]:
     """The response body of ``POST /v1/predict`` for one image (see service.schemas)."""
     findings = []
-    for f in item.explanation.findings:
+    explained = item.explanation.findings
+    heatmaps = _heatmaps(explained) if options.heatmap else [None] * len(explained)
+    for f, heat in zip(explained, heatmaps, strict=True):
         threshold = _threshold(f, options, default_threshold)
-        heat = f.heatmap.to_dict() if options.heatmap else None
         findings.append(
             {
                 "name": f.name,
@@ -154,9 +155,7 @@ def respond(
                 "probability": round(float(f.probability), 6),
                 "threshold": threshold,
                 "positive": bool(f.probability >= threshold),
-                "heatmap": None
-                if heat is None
-                else {k: heat[k] for k in _HEATMAP_KEYS if k in heat},
+                "heatmap": heat,
                 "evidence": [_evidence(e) for e in f.evidence if not e.is_self],
                 "paths": item.paths.get(f.concept_id, []),
             }
@@ -188,7 +187,35 @@ def respond(
     }
 
 
-_HEATMAP_KEYS = ("rows", "cols", "values", "peak", "extent")
+#: Decimals of heat-map values in a response (as :meth:`models.explain.Heatmap.to_dict`).
+HEATMAP_DECIMALS = 5
+
+
+def _heatmaps(findings: Sequence[FindingExplanation]) -> list[dict[str, Any]]:
+    """The response's ``heatmap`` of each finding: ``rows, cols, values, peak`` and, with a
+    geometry, ``extent``. The maps of one image share a grid and a geometry, so the values
+    are rounded in one numpy call and the extent is computed once (this runs on the event
+    loop for every request)."""
+    if not findings:
+        return []
+    maps = [f.heatmap for f in findings]
+    if len({m.values.shape for m in maps}) == 1:
+        stacked = np.stack([m.values for m in maps]).astype(np.float64)
+        values = np.round(stacked, HEATMAP_DECIMALS).tolist()
+    else:
+        values = [np.round(m.values.astype(np.float64), HEATMAP_DECIMALS).tolist() for m in maps]
+    extents: dict[int, list[float] | None] = {}
+    out = []
+    for m, v in zip(maps, values, strict=True):
+        heat: dict[str, Any] = {"rows": m.rows, "cols": m.cols, "values": v, "peak": list(m.peak)}
+        key = id(m.geometry)
+        if key not in extents:
+            extent = m.extent
+            extents[key] = None if extent is None else [round(x, 3) for x in extent]
+        if extents[key] is not None:
+            heat["extent"] = list(extents[key])  # type: ignore[arg-type]
+        out.append(heat)
+    return out
 
 
 def _evidence(e: Evidence) -> dict[str, Any]:
