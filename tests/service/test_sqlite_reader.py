@@ -22,7 +22,8 @@ def test_read_one_sees_every_commit_at_once(db: ServiceDatabase) -> None:
     assert db.read_one(api_keys, api_keys.c.key_id, "nope") is None
     assert store.find(key) is not None
     store.revoke(key_id)  # another connection commits: the next read sees it
-    assert db.read_one(api_keys, api_keys.c.key_id, key_id).revoked_at is not None
+    row = db.read_one(api_keys, api_keys.c.key_id, key_id)
+    assert row is not None and row.revoked_at is not None
     assert store.find(key) is None
 
 
@@ -34,6 +35,7 @@ def test_each_thread_reads_on_its_own_connection(tmp_home: Path) -> None:
 
         def read() -> None:
             row = db.read_one(api_keys, api_keys.c.key_id, key_id)
+            assert row is not None
             names.append(row.name)
 
         threads = [threading.Thread(target=read) for _ in range(4)]
