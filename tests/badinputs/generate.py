@@ -587,7 +587,7 @@ CASES: tuple[Case, ...] = (
         "http/file-field-not-a-file",
         _predict(send="form", fields=(("file", "iVBORw0KGgo="),)),
         422,
-        "expected uploadfile",
+        "expected a file upload",
         _none,
     ),
     Case(

@@ -1,0 +1,187 @@
+"""Pointing-game reference: how far one fixed grid cell gets, and where each arm's maps peak.
+
+The pointing game (a finding's heat-map peak inside a radiologist's box) is scored on a
+coarse grid here: 4 x 4 cells at the protocol's 128 px. A location prior can then do well
+without looking at the image, so this script puts the arms' figures next to it:
+
+1. the fixed cell: the one grid cell whose centre falls inside the most boxes of the
+   validation carve-out (the protocol's early-stopping rows, patient-disjoint from the
+   test split), then scored on the test split's boxed findings with a Wilson 95% CI;
+2. each trained arm of ``bench/quality.py`` (``--out``, default ``runs/quality``) whose
+   checkpoint is there: its pointing on the same boxes, and how concentrated its peaks are
+   (the share on its most frequent cell: a map that always peaks in one place is a prior).
+
+It is a reference, not a target: it prints a table and a JSON line and exits 0 (1 only when
+nothing can be scored). About a minute on the 2-core CPU once the arms are trained.
+
+Usage:
+  python bench/pointing_prior.py [--out runs/quality] [--data ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import quality as Q  # noqa: E402  (bench/quality.py: the protocol's split, arms and scoring)
+
+from models.data import CsvImageDataset, LabelledImageDataset  # noqa: E402
+from models.localisation import wilson_ci  # noqa: E402
+from models.train_data import build_datasets  # noqa: E402
+
+#: Arms whose heat maps are compared (their checkpoints under ``--out``).
+ARMS = ("kg", "nokg", "densenet")
+
+
+class FixedCellScorer:
+    """Another scorer's preprocessing, with a map that is 1 at ``cell`` and 0 elsewhere."""
+
+    def __init__(self, base: Q.Scorer, grid: tuple[int, int], cell: tuple[int, int]):
+        self.base = base
+        self.names = list(base.names)
+        self.grid = grid
+        self.cell = cell
+
+    @property
+    def image_size(self) -> int:
+        return self.base.image_size
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Any, list[Any]]:
+        return self.base.preprocess(images)
+
+    def score(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        b, k = int(batch.shape[0]), len(self.names)
+        maps = np.zeros((b, k, *self.grid), dtype=np.float32)
+        maps[..., self.cell[0], self.cell[1]] = 1.0
+        return np.zeros((b, k), dtype=np.float32), maps
+
+    def zero_shot(self, batch: Any, concept_ids: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
+def boxed(data: LabelledImageDataset, boxes_csv: Path) -> tuple[LabelledImageDataset, dict]:
+    """The images of ``data`` that have boxes, and their boxes."""
+    boxes = Q.boxes_on_test(boxes_csv, set(data.ids))
+    keep = {image for image, _ in boxes}
+    return data.subset([i for i, x in enumerate(data.ids) if x in keep]), boxes
+
+
+def load_scorer(arm_name: str, opts: Q.Options) -> Q.Scorer | None:
+    """The arm's scorer, ``None`` when it has not been trained under ``opts.out``."""
+    from models.baseline import BaselinePredictor
+
+    arm = Q.ARMS[arm_name]
+    model_dir = opts.out / arm.name / Q.MODEL_DIR
+    if not model_dir.is_dir():
+        return None
+    config = Q.arm_config(arm, opts)
+    if arm.kind == "kgdx":
+        return Q.KgdxScorer(Q.load_kgdx(config, model_dir, None))
+    return Q.BaselineScorer(BaselinePredictor.load(model_dir, config.train.device))
+
+
+def peak_share(scorer: Q.Scorer, data: LabelledImageDataset, boxes: dict) -> tuple[float, int]:
+    """Share of the boxed findings' maps that peak on the arm's most frequent cell."""
+    peaks: Counter[int] = Counter()
+    names = list(scorer.names)
+    for start in range(0, len(data), 32):
+        idx = list(range(start, min(start + 32, len(data))))
+        batch, _ = scorer.preprocess([data.load(i) for i in idx])
+        _, maps = scorer.score(batch)
+        flat = maps.reshape(maps.shape[0], maps.shape[1], -1).argmax(-1)
+        for row, i in enumerate(idx):
+            for k, name in enumerate(names):
+                if (data.ids[i], name) in boxes:
+                    peaks[int(flat[row, k])] += 1
+    cell, count = peaks.most_common(1)[0]
+    return count / max(1, sum(peaks.values())), cell
+
+
+def _rounded(ci: Sequence[float | None]) -> list[float | None]:
+    return [None if v is None else round(v, 3) for v in ci]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Q.DEFAULT_OUT, help="the protocol's runs")
+    parser.add_argument("--data", type=Path, default=Q.DEFAULT_DATA, help="shared/data")
+    args = parser.parse_args(argv)
+    opts, _ = Q.parse_args(["--out", str(args.out), "--data", str(args.data)])
+    paths = Q.DataPaths(opts.data)
+    scorers = {name: s for name in ARMS if (s := load_scorer(name, opts)) is not None}
+    if not scorers:
+        print(f"Error: no trained arm under {opts.out} (run bench/quality.py first)")
+        return 1
+    reference = next(iter(scorers.values()))
+    config = Q.arm_config(Q.ARMS[next(iter(scorers))], opts)
+    carve_all = build_datasets(config.data, config.preprocess_config()).val
+    carve, carve_boxes = boxed(carve_all, paths.boxes)
+    test_all = CsvImageDataset(
+        paths.labels, paths.images, config.data.label_names, split=Q.TEST_SPLIT, strict=True
+    )
+    test, test_boxes = boxed(test_all, paths.boxes)
+    batch, _ = reference.preprocess([carve.load(0)])
+    grid = tuple(reference.score(batch)[1].shape[-2:])
+    assert len(grid) == 2
+    rows, cols = int(grid[0]), int(grid[1])
+
+    def hits(scorer: Q.Scorer, data: LabelledImageDataset, boxes: dict) -> np.ndarray:
+        return Q.score_dataset(scorer, data, boxes).loc_hit
+
+    def fixed_hits(cell: tuple[int, int], data: LabelledImageDataset, boxes: dict) -> np.ndarray:
+        return hits(FixedCellScorer(reference, (rows, cols), cell), data, boxes)
+
+    on_carve = {
+        (r, c): float(fixed_hits((r, c), carve, carve_boxes).mean())
+        for r in range(rows)
+        for c in range(cols)
+    }
+    cell = max(on_carve, key=lambda rc: (on_carve[rc], -rc[0], -rc[1]))
+    fixed = fixed_hits(cell, test, test_boxes)
+    figures: dict[str, Any] = {
+        "grid": [rows, cols],
+        "carve_boxed_findings": len(carve_boxes),
+        "test_boxed_findings": len(fixed),
+        "fixed_cell": list(cell),
+        "fixed_cell_carve_pointing": round(on_carve[cell], 3),
+        "fixed_cell_test_pointing": round(float(fixed.mean()), 3),
+        "fixed_cell_test_ci": _rounded(wilson_ci(int(fixed.sum()), len(fixed))),
+        "arms": {},
+    }
+    lines = [
+        f"grid {rows} x {cols}; boxed findings: carve-out {len(carve_boxes)}, test {len(fixed)}",
+        f"fixed cell {cell} (best on the carve-out, {on_carve[cell]:.3f}): test pointing "
+        f"{fixed.mean():.3f} {figures['fixed_cell_test_ci']}",
+    ]
+    for name, scorer in scorers.items():
+        hit = hits(scorer, test, test_boxes)
+        share, top = peak_share(scorer, test, test_boxes)
+        figures["arms"][name] = {
+            "test_pointing": round(float(hit.mean()), 3),
+            "test_ci": _rounded(wilson_ci(int(hit.sum()), len(hit))),
+            "top_peak_cell": [top // cols, top % cols],
+            "top_peak_share": round(share, 3),
+        }
+        lines.append(
+            f"{name:9s} test pointing {hit.mean():.3f} {figures['arms'][name]['test_ci']}; "
+            f"{share:.0%} of its peaks on cell "
+            f"{(top // cols, top % cols)}"
+        )
+    print("\n".join(lines))
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
