@@ -144,7 +144,9 @@ def predict(
         evidence_k=settings.evidence_k,
         max_hops=settings.max_path_hops,
     )
-    [result] = state.pipeline.run_batch([PredictRequest(decoded, text, options)])
+    [result] = state.pipeline.run_batch(
+        [PredictRequest(decoded, text, options, settings.threshold)]
+    )
     payload = respond(
         result,
         decoded,

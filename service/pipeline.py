@@ -48,6 +48,7 @@ class PredictRequest:
     image: DecodedImage
     text: str | None = None
     options: PredictOptions = field(default_factory=PredictOptions)
+    default_threshold: float | None = None  # the service's threshold (see respond)
 
 
 @dataclass
@@ -58,6 +59,10 @@ class BatchItemResult:
     inference_ms: float  # the whole batch's forward pass
     explain_ms: float  # this image's share of explain + paths
     paths: dict[str, list[dict[str, Any]]]  # finding concept id -> serialised paths
+    # The response's findings, built on the worker right after the paths (caches still
+    # warm), and the (options, default threshold) they were built for.
+    findings: list[dict[str, Any]] | None = None
+    findings_for: tuple[PredictOptions, float | None] | None = None
 
 
 # -- stages --------------------------------------------------------------------------------
@@ -142,24 +147,15 @@ def respond(
     queue_ms: float = 0.0,
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The response body of ``POST /v1/predict`` for one image (see service.schemas)."""
-    findings = []
-    explained = item.explanation.findings
-    heatmaps = _heatmaps(explained) if options.heatmap else [None] * len(explained)
-    for f, heat in zip(explained, heatmaps, strict=True):
-        threshold = _threshold(f, options, default_threshold)
-        findings.append(
-            {
-                "name": f.name,
-                "concept": {"id": f.concept_id, "label": f.label},
-                "probability": round(float(f.probability), 6),
-                "threshold": threshold,
-                "positive": bool(f.probability >= threshold),
-                "heatmap": heat,
-                "evidence": [_evidence(e) for e in f.evidence if not e.is_self],
-                "paths": item.paths.get(f.concept_id, []),
-            }
-        )
+    """The response body of ``POST /v1/predict`` for one image (see service.schemas).
+
+    The findings come from the batch worker (:meth:`InferencePipeline.run_batch`) when it
+    built them for these options and this default threshold, else they are built here.
+    """
+    if item.findings is not None and item.findings_for == (options, default_threshold):
+        findings = item.findings
+    else:
+        findings = findings_json(item.explanation, item.paths, options, default_threshold)
     info = image.dicom
     described = predictor.describe()
     return {
@@ -185,6 +181,33 @@ def respond(
             "total_ms": round(decode_ms + queue_ms + item.inference_ms + item.explain_ms, 3),
         },
     }
+
+
+def findings_json(
+    explanation: ImageExplanation,
+    paths: dict[str, list[dict[str, Any]]],
+    options: PredictOptions,
+    default_threshold: float | None,
+) -> list[dict[str, Any]]:
+    """The ``findings`` of a response: probability, decision, heat map, evidence, paths."""
+    findings = []
+    explained = explanation.findings
+    heatmaps = _heatmaps(explained) if options.heatmap else [None] * len(explained)
+    for f, heat in zip(explained, heatmaps, strict=True):
+        threshold = _threshold(f, options, default_threshold)
+        findings.append(
+            {
+                "name": f.name,
+                "concept": {"id": f.concept_id, "label": f.label},
+                "probability": round(float(f.probability), 6),
+                "threshold": threshold,
+                "positive": bool(f.probability >= threshold),
+                "heatmap": heat,
+                "evidence": [_evidence(e) for e in f.evidence if not e.is_self],
+                "paths": paths.get(f.concept_id, []),
+            }
+        )
+    return findings
 
 
 #: Decimals of heat-map values in a response (as :meth:`models.explain.Heatmap.to_dict`).
@@ -275,12 +298,15 @@ class InferencePipeline:
                 )
                 for f in expl.findings
             }
+            findings = findings_json(expl, paths, req.options, req.default_threshold)
             results.append(
                 BatchItemResult(
                     explanation=expl,
                     inference_ms=(t1 - t0) * 1e3,
                     explain_ms=(share + time.perf_counter() - t3) * 1e3,
                     paths=paths,
+                    findings=findings,
+                    findings_for=(req.options, req.default_threshold),
                 )
             )
         return results

@@ -417,7 +417,10 @@ class StudyWorker:
         if not ready:
             raise PermanentJobError(f"no decodable image: {'; '.join(sorted(set(failed)))}")
         answers = await asyncio.gather(
-            *(self._submit_when_room(PredictRequest(image, None, options)) for _, image, _ in ready)
+            *(
+                self._submit_when_room(PredictRequest(image, None, options, settings.threshold))
+                for _, image, _ in ready
+            )
         )
         failpoint("worker.inference")
         scored = []

@@ -174,7 +174,7 @@ async def _predict(
         thumb_future = loop.run_in_executor(state.decode_pool, thumbnail_png, decoded.pixels)
         try:
             result, timing = await state.batcher.submit_timed(
-                PredictRequest(decoded, text, options), announced
+                PredictRequest(decoded, text, options, settings.threshold), announced
             )
         except BaseException:
             thumb_future.cancel()
