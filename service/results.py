@@ -29,12 +29,13 @@ import json
 import logging
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from service.db import ServiceDatabase, results, utcnow
 from service.logs import hash_uid
@@ -206,7 +207,26 @@ class ResultStore:
                 log.error("result %s not stored: its id already exists", batch[0]["id"])
                 return
             for row in batch:  # find the clashing row: one transaction each
+                self._write_alone(row)
+
+    def _write_alone(self, row: dict[str, Any]) -> None:
+        """One row in its own transaction, retried here: once rows of the batch are
+        committed one by one, retrying the whole batch would report them as clashing."""
+        tries = self._writer.tries
+        for attempt in range(1, tries + 1):
+            try:
                 self._write([row])
+                return
+            except SQLAlchemyError as exc:
+                if attempt == tries:
+                    log.error(
+                        "result %s not stored after %d tries: %s",
+                        row["id"],
+                        tries,
+                        type(exc).__name__,
+                    )
+                    return
+                time.sleep(0.05 * 2**attempt)
 
     def get(self, result_id: str) -> StoredResult | None:
         """The result with this id; ``None`` when there is none or the id is malformed."""

@@ -64,7 +64,11 @@ class SqliteReader:
         return row_type(*row)
 
     def close(self) -> None:
-        """Close every thread's connection; a later :meth:`one` opens a new one."""
+        """Close every thread's connection; a later :meth:`one` opens a new one.
+
+        Call it when no thread is reading (at shutdown): a connection closed in the middle
+        of a read fails that read.
+        """
         with self._lock:
             connections, self._all = self._all, []
             self._local = threading.local()
@@ -72,18 +76,23 @@ class SqliteReader:
             conn.close()
 
     def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # check_same_thread=False only so close() may close it from another thread;
-            # each connection is used by the one thread that opened it.
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout_s,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute("PRAGMA query_only = ON")
-            with self._lock:
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is not None:
+            return conn
+        # check_same_thread=False only so close() may close it from another thread; each
+        # connection is used by the one thread that opened it.
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA query_only = ON")
+        with self._lock:
+            if local is self._local:  # not closed meanwhile: keep it for this thread
                 self._all.append(conn)
-            self._local.conn = conn
-        return conn
+                local.conn = conn
+                return conn
+        conn.close()  # close() ran while it opened: open anew on the current local
+        return self._connection()

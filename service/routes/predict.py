@@ -13,13 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from service.auth import require_scope
 from service.decode import DecodeLimits
 from service.deps import get_ready_state
 from service.errors import (
-    BadRequestError,
     PayloadTooLargeError,
     UnprocessableImageError,
     UnsupportedMediaTypeError,
@@ -84,6 +82,9 @@ _FORM_BODY = {
     }
 }
 _require_predict = require_scope("predict")
+#: Most file parts and text fields a predict form may have (more -> 400).
+MAX_FILE_PARTS = 8
+MAX_FIELD_PARTS = 32
 
 
 @router.post(
@@ -100,10 +101,10 @@ async def predict(request: Request) -> Response:
     state = await get_ready_state(request)
     await _require_predict(request)
     await require_form_upload(request)
-    try:
-        form = await request.form(max_files=1, max_fields=16)
-    except MultiPartException as exc:
-        raise BadRequestError(f"malformed multipart form: {exc.message}") from None
+    # A malformed body is answered 400 by Starlette (its HTTPException, rendered as JSON);
+    # parts beyond these counts too. Extra parts within them are ignored, and a repeated
+    # field counts once, its last value, as FastAPI's Form parameters did.
+    form = await request.form(max_files=MAX_FILE_PARTS, max_fields=MAX_FIELD_PARTS)
     try:
         file = form.get("file")
         if not isinstance(file, UploadFile):
@@ -120,8 +121,9 @@ async def predict(request: Request) -> Response:
                 ]
             )
         try:
+            # An empty field is one not sent (``curl -F threshold=``), as with Form().
             fields = PredictForm.model_validate(
-                {k: v for k, v in form.multi_items() if k != "file" and isinstance(v, str)}
+                {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v}
             )
         except ValidationError as exc:
             raise RequestValidationError(

@@ -102,6 +102,28 @@ def test_options_threshold_paths_and_no_heatmap(served: Served) -> None:
     _assert_error(_predict(served, threshold="2"), 422, "threshold")
 
 
+def test_form_fields_sent_empty_count_as_not_sent(served: Served) -> None:
+    # curl -F threshold= sends an empty field: the defaults apply, as with FastAPI's Form()
+    r = _predict(served, threshold="", top_k_paths="", heatmap="", text="")
+    assert r.status_code == 200, r.text
+    assert all(f["heatmap"] is not None for f in r.json()["findings"])
+
+
+def test_extra_parts_are_ignored_and_too_many_refused(served: Served) -> None:
+    files = [
+        ("file", ("a.png", PNG, "image/png")),
+        ("extra", ("b.png", PNG, "image/png")),
+        ("file", ("c.png", PNG, "image/png")),  # a repeated field: its last value counts
+    ]
+    r = served.client.post(
+        "/v1/predict", files=files, data={"unknown": "x"}, headers=served.auth("predict")
+    )
+    assert r.status_code == 200, r.text
+    many = [("file", (f"{i}.png", PNG, "image/png")) for i in range(9)]
+    r = served.client.post("/v1/predict", files=many, headers=served.auth("predict"))
+    _assert_error(r, 400, "too many files")
+
+
 def test_overlay_png(served: Served) -> None:
     body = _predict(served).json()
     r = served.client.get(

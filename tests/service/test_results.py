@@ -283,3 +283,41 @@ def test_the_writer_survives_an_unexpected_error(
     assert store.flush(10)
     assert store.get(lost) is None and _committed(db, kept)
     assert "kgdx-results: 1 row(s) not stored" in caplog.text
+
+
+def test_rows_retried_one_by_one_after_a_clash_are_not_reported_as_clashing(
+    store: ResultStore,
+    db: ServiceDatabase,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from contextlib import contextmanager
+
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setattr("service.results.time.sleep", lambda s: None)
+    taken = store.put(PAYLOAD)
+    real_write = db.write
+    calls = {"n": 0}
+
+    @contextmanager
+    def flaky(**kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the batch, the first single row, then a transient failure
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        with real_write(**kwargs) as conn:
+            yield conn
+
+    class Flaky:
+        write = staticmethod(flaky)
+        read = staticmethod(db.read)
+
+    store.db = Flaky()  # type: ignore[assignment]
+    gate_ids = [store.put_later(PAYLOAD), store.put_later(PAYLOAD, result_id=taken)]
+    gate_ids.append(store.put_later(PAYLOAD))
+    assert store.flush(10)
+    store.db = db
+    assert _committed(db, gate_ids[0]) and _committed(db, gate_ids[2])
+    assert f"result {taken} not stored: its id already exists" in caplog.text
+    for rid in (gate_ids[0], gate_ids[2]):
+        assert f"result {rid} not stored" not in caplog.text
