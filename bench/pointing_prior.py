@@ -14,13 +14,12 @@ without looking at the image, so this script puts the arms' figures next to it:
 It is a reference, not a target: it prints a table and a JSON line and exits 0 (1 only when
 nothing can be scored). About a minute on the 2-core CPU once the arms are trained.
 
-Usage:
-  python bench/pointing_prior.py [--out runs/quality] [--data ../shared/data]
+Usage (bench/quality.py's options):
+  python bench/pointing_prior.py [--out runs/quality] [--data ../shared/data] [--config ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
@@ -38,6 +37,7 @@ import quality as Q  # noqa: E402  (bench/quality.py: the protocol's split, arms
 
 from models.data import CsvImageDataset, LabelledImageDataset  # noqa: E402
 from models.localisation import wilson_ci  # noqa: E402
+from models.text_encoder import SupportsEncode  # noqa: E402
 from models.train_data import build_datasets  # noqa: E402
 
 #: Arms whose heat maps are compared (their checkpoints under ``--out``).
@@ -77,7 +77,9 @@ def boxed(data: LabelledImageDataset, boxes_csv: Path) -> tuple[LabelledImageDat
     return data.subset([i for i, x in enumerate(data.ids) if x in keep]), boxes
 
 
-def load_scorer(arm_name: str, opts: Q.Options) -> Q.Scorer | None:
+def load_scorer(
+    arm_name: str, opts: Q.Options, encoder: SupportsEncode | None = None
+) -> Q.Scorer | None:
     """The arm's scorer, ``None`` when it has not been trained under ``opts.out``."""
     from models.baseline import BaselinePredictor
 
@@ -87,7 +89,7 @@ def load_scorer(arm_name: str, opts: Q.Options) -> Q.Scorer | None:
         return None
     config = Q.arm_config(arm, opts)
     if arm.kind == "kgdx":
-        return Q.KgdxScorer(Q.load_kgdx(config, model_dir, None))
+        return Q.KgdxScorer(Q.load_kgdx(config, model_dir, encoder))
     return Q.BaselineScorer(BaselinePredictor.load(model_dir, config.train.device))
 
 
@@ -112,14 +114,12 @@ def _rounded(ci: Sequence[float | None]) -> list[float | None]:
     return [None if v is None else round(v, 3) for v in ci]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Q.DEFAULT_OUT, help="the protocol's runs")
-    parser.add_argument("--data", type=Path, default=Q.DEFAULT_DATA, help="shared/data")
-    args = parser.parse_args(argv)
-    opts, _ = Q.parse_args(["--out", str(args.out), "--data", str(args.data)])
+def main(argv: Sequence[str] | None = None, encoder: SupportsEncode | None = None) -> int:
+    """Takes bench/quality.py's options (``--out``, ``--data``, ``--config``, ``--set``), so
+    the arms are loaded with the recipe they were trained with."""
+    opts, _ = Q.parse_args(argv)
     paths = Q.DataPaths(opts.data)
-    scorers = {name: s for name in ARMS if (s := load_scorer(name, opts)) is not None}
+    scorers = {name: s for name in ARMS if (s := load_scorer(name, opts, encoder)) is not None}
     if not scorers:
         print(f"Error: no trained arm under {opts.out} (run bench/quality.py first)")
         return 1
@@ -131,7 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths.labels, paths.images, config.data.label_names, split=Q.TEST_SPLIT, strict=True
     )
     test, test_boxes = boxed(test_all, paths.boxes)
-    batch, _ = reference.preprocess([carve.load(0)])
+    if not test_boxes:
+        print(f"Error: no boxed finding on the test split's images ({paths.boxes})")
+        return 1
+    batch, _ = reference.preprocess([test.load(0)])
     grid = tuple(reference.score(batch)[1].shape[-2:])
     assert len(grid) == 2
     rows, cols = int(grid[0]), int(grid[1])
@@ -142,31 +145,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     def fixed_hits(cell: tuple[int, int], data: LabelledImageDataset, boxes: dict) -> np.ndarray:
         return hits(FixedCellScorer(reference, (rows, cols), cell), data, boxes)
 
-    on_carve = {
-        (r, c): float(fixed_hits((r, c), carve, carve_boxes).mean())
-        for r in range(rows)
-        for c in range(cols)
-    }
-    cell = max(on_carve, key=lambda rc: (on_carve[rc], -rc[0], -rc[1]))
-    fixed = fixed_hits(cell, test, test_boxes)
     figures: dict[str, Any] = {
         "grid": [rows, cols],
         "carve_boxed_findings": len(carve_boxes),
-        "test_boxed_findings": len(fixed),
-        "fixed_cell": list(cell),
-        "fixed_cell_carve_pointing": round(on_carve[cell], 3),
-        "fixed_cell_test_pointing": round(float(fixed.mean()), 3),
-        "fixed_cell_test_ci": _rounded(wilson_ci(int(fixed.sum()), len(fixed))),
+        "test_boxed_findings": 0,
+        "fixed_cell": None,
+        "fixed_cell_carve_pointing": None,
+        "fixed_cell_test_pointing": None,
+        "fixed_cell_test_ci": None,
         "arms": {},
     }
-    lines = [
-        f"grid {rows} x {cols}; boxed findings: carve-out {len(carve_boxes)}, test {len(fixed)}",
-        f"fixed cell {cell} (best on the carve-out, {on_carve[cell]:.3f}): test pointing "
-        f"{fixed.mean():.3f} {figures['fixed_cell_test_ci']}",
-    ]
+    lines = [f"grid {rows} x {cols}; boxed findings: carve-out {len(carve_boxes)}"]
+    if carve_boxes:  # the cell is chosen on the carve-out only, never on the test boxes
+        on_carve = {
+            (r, c): float(fixed_hits((r, c), carve, carve_boxes).mean())
+            for r in range(rows)
+            for c in range(cols)
+        }
+        cell = max(on_carve, key=lambda rc: (on_carve[rc], -rc[0], -rc[1]))
+        fixed = fixed_hits(cell, test, test_boxes)
+        figures.update(
+            fixed_cell=list(cell),
+            fixed_cell_carve_pointing=round(on_carve[cell], 3),
+            fixed_cell_test_pointing=round(float(fixed.mean()), 3),
+            fixed_cell_test_ci=_rounded(wilson_ci(int(fixed.sum()), len(fixed))),
+        )
+        lines.append(
+            f"fixed cell {cell} (best on the carve-out, {on_carve[cell]:.3f}): test pointing "
+            f"{fixed.mean():.3f} {figures['fixed_cell_test_ci']}"
+        )
+    else:
+        lines.append("no boxed finding in the validation carve-out: no fixed cell chosen")
     for name, scorer in scorers.items():
         hit = hits(scorer, test, test_boxes)
         share, top = peak_share(scorer, test, test_boxes)
+        figures["test_boxed_findings"] = len(hit)
         figures["arms"][name] = {
             "test_pointing": round(float(hit.mean()), 3),
             "test_ci": _rounded(wilson_ci(int(hit.sum()), len(hit))),

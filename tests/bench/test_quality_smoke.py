@@ -384,3 +384,56 @@ def test_paired_pointing_resamples_images() -> None:
     assert lo is not None and hi is not None and lo <= 0.5 <= hi
     same = quality.paired_pointing(a, a, n_boot=50, seed=0)
     assert same[:3] == (0.0, 0.0, 0.0)
+
+
+def test_pointing_prior_puts_the_arms_next_to_a_fixed_cell(
+    full_run: tuple[int, Path], setup: dict[str, Any], capsys: Any, monkeypatch: Any
+) -> None:
+    from bench import pointing_prior
+
+    _, out = full_run
+    monkeypatch.setenv("KGDX_HOME", str(setup["root"] / "home"))
+    capsys.readouterr()
+    assert pointing_prior.main(argv(setup, out), encoder=FakeEncoder()) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    preds = quality.Predictions.load(out / "kg" / quality.PREDICTIONS_FILE)
+    assert figures["test_boxed_findings"] == len(preds.loc_hit) > 0
+    # the arm's figure is the protocol's own pointing game on the same boxes
+    assert figures["arms"]["kg"]["test_pointing"] == round(float(preds.loc_hit.mean()), 3)
+    assert {"kg", "nokg", "densenet"} <= set(figures["arms"])
+    rows, cols = figures["grid"]
+    if figures["carve_boxed_findings"]:  # the cell is chosen on the carve-out's boxes only
+        r, c = figures["fixed_cell"]
+        assert 0 <= r < rows and 0 <= c < cols
+        assert 0.0 <= figures["fixed_cell_test_pointing"] <= 1.0
+    else:
+        assert figures["fixed_cell"] is None and figures["fixed_cell_test_pointing"] is None
+
+
+def test_pointing_prior_chooses_its_cell_on_the_validation_boxes(
+    full_run: tuple[int, Path], setup: dict[str, Any], capsys: Any, monkeypatch: Any
+) -> None:
+    """The tiny data's carve-out has no boxes; stand the held-out rows in for it, so a cell
+    is chosen, and check that it is the best cell there."""
+    from types import SimpleNamespace
+
+    from bench import pointing_prior
+    from models.data import CsvImageDataset
+
+    _, out = full_run
+    monkeypatch.setenv("KGDX_HOME", str(setup["root"] / "home"))
+    paths = quality.DataPaths(setup["data"])
+    names = ["Consolidation", "Effusion", "Opacity", "Pneumonia"]
+    held_out = CsvImageDataset(paths.labels, paths.images, names, split=quality.TEST_SPLIT)
+    monkeypatch.setattr(
+        pointing_prior, "build_datasets", lambda *a, **k: SimpleNamespace(val=held_out)
+    )
+    capsys.readouterr()
+    assert pointing_prior.main(argv(setup, out), encoder=FakeEncoder()) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows, cols = figures["grid"]
+    r, c = figures["fixed_cell"]
+    assert 0 <= r < rows and 0 <= c < cols
+    # chosen and scored on the same rows here, so the two figures agree
+    assert figures["fixed_cell_carve_pointing"] == figures["fixed_cell_test_pointing"]
+    assert figures["fixed_cell_test_pointing"] > 0
