@@ -132,14 +132,16 @@ class WriteBehind(Generic[T]):
 
     def close(self, timeout_s: float = 30.0) -> bool:
         """Write what is queued, then stop the thread; later :meth:`submit` calls refuse.
-        ``False`` when rows were still unwritten after ``timeout_s`` (they are logged)."""
+        ``False`` when rows were still unwritten after ``timeout_s`` (they are logged); the
+        whole call takes at most about ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
         done = self.flush(timeout_s)
         with self._work:
             self._closed = True
             self._work.notify_all()
             left = len(self._queue) + self._writing
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         if not done:
             log.error("%s: closed with %d row(s) not yet written", self.name, left)
         return done
