@@ -38,7 +38,7 @@ from models.transforms import Geometry
 #: Evidence concepts per finding unless asked otherwise.
 DEFAULT_TOP_K = 5
 #: Decimals kept in JSON (heat-map values and relevances).
-_DECIMALS = 5
+DECIMALS = 5
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Evidence:
         return {
             "concept_id": self.concept_id,
             "label": self.label,
-            "relevance": round(self.relevance, _DECIMALS),
+            "relevance": round(self.relevance, DECIMALS),
             "is_self": self.is_self,
             "is_target": self.is_target,
         }
@@ -128,9 +128,9 @@ class Heatmap:
         out: dict[str, Any] = {
             "rows": self.rows,
             "cols": self.cols,
-            "values": np.round(self.values.astype(np.float64), _DECIMALS).tolist(),
+            "values": np.round(self.values.astype(np.float64), DECIMALS).tolist(),
             "peak": list(self.peak),
-            "max_attention": round(self.max_attention, _DECIMALS),
+            "max_attention": round(self.max_attention, DECIMALS),
         }
         extent = self.extent
         if extent is not None:

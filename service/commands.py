@@ -153,7 +153,6 @@ def predict(
         options,
         state.predictor,
         decode_ms=decode_ms,
-        default_threshold=settings.threshold,
     )
     if json:
         print_json(payload)

@@ -1,8 +1,9 @@
 """The inference pipeline: ``decode -> preprocess -> predict -> explain -> respond``.
 
 Each stage is a function that can be tested alone; :class:`InferencePipeline` composes the
-model-side stages for one batch (run on the inference worker's thread), and :func:`respond`
-turns one image's explanation into the API's response, with ontology paths from ``kg``.
+model-side stages for one batch (run on the inference worker's thread), ending with each
+image's findings as the API's JSON (:func:`findings_json`, with ontology paths from ``kg``),
+and :func:`respond` wraps them into the response.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from kg.graph import ConceptGraph
 from kg.paths import PathFinder
-from models.explain import Evidence, FindingExplanation, ImageExplanation
+from models.explain import DECIMALS, Evidence, FindingExplanation, ImageExplanation
 from models.inference import Predictor
 from models.outputs import KgdxOutput
 from models.transforms import Geometry
@@ -48,7 +49,7 @@ class PredictRequest:
     image: DecodedImage
     text: str | None = None
     options: PredictOptions = field(default_factory=PredictOptions)
-    default_threshold: float | None = None  # the service's threshold (see respond)
+    default_threshold: float | None = None  # the service's threshold (see _threshold)
 
 
 @dataclass
@@ -59,10 +60,9 @@ class BatchItemResult:
     inference_ms: float  # the whole batch's forward pass
     explain_ms: float  # this image's share of explain + paths
     paths: dict[str, list[dict[str, Any]]]  # finding concept id -> serialised paths
-    # The response's findings, built on the worker right after the paths (caches still
-    # warm), and the (options, default threshold) they were built for.
-    findings: list[dict[str, Any]] | None = None
-    findings_for: tuple[PredictOptions, float | None] | None = None
+    # The response's findings (findings_json), built on the worker right after the paths
+    # while their data is still in the caches: respond only wraps them.
+    findings: list[dict[str, Any]]
 
 
 # -- stages --------------------------------------------------------------------------------
@@ -142,20 +142,12 @@ def respond(
     predictor: Predictor,
     *,
     result_id: str | None = None,
-    default_threshold: float | None = None,
     decode_ms: float = 0.0,
     queue_ms: float = 0.0,
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The response body of ``POST /v1/predict`` for one image (see service.schemas).
-
-    The findings come from the batch worker (:meth:`InferencePipeline.run_batch`) when it
-    built them for these options and this default threshold, else they are built here.
-    """
-    if item.findings is not None and item.findings_for == (options, default_threshold):
-        findings = item.findings
-    else:
-        findings = findings_json(item.explanation, item.paths, options, default_threshold)
+    """The response body of ``POST /v1/predict`` for one image (see service.schemas), around
+    the findings the batch worker built (:meth:`InferencePipeline.run_batch`)."""
     info = image.dicom
     described = predictor.describe()
     return {
@@ -171,7 +163,7 @@ def respond(
             "modality": info.modality if info else None,
             "view_position": info.view_position if info else None,
         },
-        "findings": findings,
+        "findings": item.findings,
         "notes": [*image.notes, *notes],
         "timings": {
             "decode_ms": round(decode_ms, 3),
@@ -190,9 +182,9 @@ def findings_json(
     default_threshold: float | None,
 ) -> list[dict[str, Any]]:
     """The ``findings`` of a response: probability, decision, heat map, evidence, paths."""
-    findings = []
     explained = explanation.findings
-    heatmaps = _heatmaps(explained) if options.heatmap else [None] * len(explained)
+    heatmaps = _heatmaps(explanation) if options.heatmap else [None] * len(explained)
+    findings = []
     for f, heat in zip(explained, heatmaps, strict=True):
         threshold = _threshold(f, options, default_threshold)
         findings.append(
@@ -210,39 +202,27 @@ def findings_json(
     return findings
 
 
-#: Decimals of heat-map values in a response (as :meth:`models.explain.Heatmap.to_dict`).
-HEATMAP_DECIMALS = 5
-
-
-def _heatmaps(findings: Sequence[FindingExplanation]) -> list[dict[str, Any]]:
-    """The response's ``heatmap`` of each finding: ``rows, cols, values, peak`` and, with a
-    geometry, ``extent``. The maps of one image share a grid and a geometry, so the values
-    are rounded in one numpy call and the extent is computed once (this runs on the event
-    loop for every request)."""
-    if not findings:
+def _heatmaps(explanation: ImageExplanation) -> list[dict[str, Any]]:
+    """Each finding's ``heatmap``: ``rows, cols, values, peak`` and, with a geometry,
+    ``extent`` (as :meth:`models.explain.Heatmap.to_dict`). The maps of one image share its
+    grid and geometry, so the values are rounded in one numpy call and the extent once."""
+    maps = [f.heatmap for f in explanation.findings]
+    if not maps:
         return []
-    maps = [f.heatmap for f in findings]
-    if len({m.values.shape for m in maps}) == 1:
-        stacked = np.stack([m.values for m in maps]).astype(np.float64)
-        values = np.round(stacked, HEATMAP_DECIMALS).tolist()
-    else:
-        values = [np.round(m.values.astype(np.float64), HEATMAP_DECIMALS).tolist() for m in maps]
-    extents: dict[int, list[float] | None] = {}
-    out = []
-    for m, v in zip(maps, values, strict=True):
-        heat: dict[str, Any] = {"rows": m.rows, "cols": m.cols, "values": v, "peak": list(m.peak)}
-        key = id(m.geometry)
-        if key not in extents:
-            extent = m.extent
-            extents[key] = None if extent is None else [round(x, 3) for x in extent]
-        if extents[key] is not None:
-            heat["extent"] = list(extents[key])  # type: ignore[arg-type]
-        out.append(heat)
-    return out
+    values = np.round(np.stack([m.values for m in maps]).astype(np.float64), DECIMALS).tolist()
+    extent = maps[0].extent
+    shared = {} if extent is None else {"extent": [round(x, 3) for x in extent]}
+    return [
+        {"rows": m.rows, "cols": m.cols, "values": v, "peak": list(m.peak), **shared}
+        for m, v in zip(maps, values, strict=True)
+    ]
 
 
 def _evidence(e: Evidence) -> dict[str, Any]:
-    return {"concept": {"id": e.concept_id, "label": e.label}, "relevance": round(e.relevance, 5)}
+    return {
+        "concept": {"id": e.concept_id, "label": e.label},
+        "relevance": round(e.relevance, DECIMALS),
+    }
 
 
 def _threshold(
@@ -306,7 +286,6 @@ class InferencePipeline:
                     explain_ms=(share + time.perf_counter() - t3) * 1e3,
                     paths=paths,
                     findings=findings,
-                    findings_for=(req.options, req.default_threshold),
                 )
             )
         return results

@@ -29,17 +29,16 @@ import json
 import logging
 import re
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from service.db import ServiceDatabase, results, utcnow
 from service.logs import hash_uid
-from service.write_behind import LINGER_S, WriteBehind
+from service.write_behind import LINGER_S, WriteBehind, with_retries
 
 __all__ = ["MAX_IMAGE_BYTES", "ResultStore", "StoredResult", "normalize_result_id"]
 
@@ -114,7 +113,7 @@ class ResultStore:
         self._pending: dict[str, dict[str, Any]] = {}  # id -> row, until committed
         self._lock = threading.Lock()
         self._writer: WriteBehind[dict[str, Any]] = WriteBehind(
-            lambda batch: self._write(batch),
+            lambda batch: self._write(batch),  # looked up per call: tests replace _write
             name="kgdx-results",
             max_pending=MAX_PENDING,
             tries=WRITE_TRIES,
@@ -212,21 +211,7 @@ class ResultStore:
     def _write_alone(self, row: dict[str, Any]) -> None:
         """One row in its own transaction, retried here: once rows of the batch are
         committed one by one, retrying the whole batch would report them as clashing."""
-        tries = self._writer.tries
-        for attempt in range(1, tries + 1):
-            try:
-                self._write([row])
-                return
-            except SQLAlchemyError as exc:
-                if attempt == tries:
-                    log.error(
-                        "result %s not stored after %d tries: %s",
-                        row["id"],
-                        tries,
-                        type(exc).__name__,
-                    )
-                    return
-                time.sleep(0.05 * 2**attempt)
+        with_retries(lambda: self._write([row]), self._writer.tries, f"result {row['id']}")
 
     def get(self, result_id: str) -> StoredResult | None:
         """The result with this id; ``None`` when there is none or the id is malformed."""

@@ -432,7 +432,6 @@ class StudyWorker:
                 options,
                 state.predictor,
                 result_id=rid,
-                default_threshold=settings.threshold,
                 decode_ms=decode_ms,
                 queue_ms=timing.queue_ms,
                 notes=chosen.notes.get(row.sop_instance_uid, ()),

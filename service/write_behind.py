@@ -36,7 +36,7 @@ from typing import Generic, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-__all__ = ["LINGER_S", "WriteBehind"]
+__all__ = ["LINGER_S", "WriteBehind", "with_retries"]
 
 #: The service's commit interval for result and audit rows: at one request at a time the
 #: commit falls into the next request's forward pass instead of beside its parsing.
@@ -181,18 +181,20 @@ class WriteBehind(Generic[T]):
             self._work.wait(left)
 
     def _write(self, batch: list[T]) -> None:
-        for attempt in range(1, self.tries + 1):
-            try:
-                self.write(batch)
-                return
-            except SQLAlchemyError as exc:
-                if attempt == self.tries:
-                    log.error(
-                        "%s: %d row(s) not stored after %d tries: %s",
-                        self.name,
-                        len(batch),
-                        self.tries,
-                        type(exc).__name__,
-                    )
-                    return
-                time.sleep(0.05 * 2**attempt)
+        with_retries(lambda: self.write(batch), self.tries, f"{self.name}: {len(batch)} row(s)")
+
+
+def with_retries(write: Callable[[], object], tries: int, what: str) -> bool:
+    """Call ``write`` until it does not raise :class:`sqlalchemy.exc.SQLAlchemyError`, at
+    most ``tries`` times with a growing pause; after the last failure log ``what`` as not
+    stored and return ``False``."""
+    for attempt in range(1, tries + 1):
+        try:
+            write()
+            return True
+        except SQLAlchemyError as exc:
+            if attempt == tries:
+                log.error("%s not stored after %d tries: %s", what, tries, type(exc).__name__)
+                return False
+            time.sleep(0.05 * 2**attempt)
+    return False

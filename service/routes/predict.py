@@ -137,12 +137,6 @@ async def predict(request: Request) -> Response:
 async def _predict(
     request: Request, state: AppState, file: UploadFile, fields: PredictForm
 ) -> Response:
-    text, threshold, top_k_paths, heatmap = (
-        fields.text,
-        fields.threshold,
-        fields.top_k_paths,
-        fields.heatmap,
-    )
     settings = state.settings
     assert state.batcher is not None and state.predictor is not None
     t0 = time.perf_counter()
@@ -154,12 +148,11 @@ async def _predict(
         max_pixels=settings.max_pixels,
         min_side=settings.min_image_side,
     )
-    if text is not None and not text.strip():
-        text = None
+    text = fields.text if fields.text and fields.text.strip() else None
     options = PredictOptions(
-        threshold=threshold,
-        top_k_paths=settings.top_k_paths if top_k_paths is None else top_k_paths,
-        heatmap=heatmap,
+        threshold=fields.threshold,
+        top_k_paths=settings.top_k_paths if fields.top_k_paths is None else fields.top_k_paths,
+        heatmap=fields.heatmap,
         evidence_k=settings.evidence_k,
         max_hops=settings.max_path_hops,
     )
@@ -186,7 +179,6 @@ async def _predict(
         decoded,
         options,
         state.predictor,
-        default_threshold=settings.threshold,
         decode_ms=decode_ms,
         queue_ms=timing.queue_ms,
     )

@@ -1,5 +1,5 @@
-"""respond() takes the findings the batch worker built, unless they were built for other
-options or another default threshold."""
+"""findings_json: the response's findings as the batch worker builds them; respond wraps
+them unchanged."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from models.explain import Evidence, FindingExplanation, Heatmap, ImageExplanation
+from models.transforms import Geometry
 from service.decode import DecodedImage
 from service.pipeline import BatchItemResult, PredictOptions, findings_json, respond
 
@@ -17,46 +18,58 @@ class _Predictor:
         return {"model": {"name": "m", "version": "v1"}, "ontology": {"name": "o", "version": "x"}}
 
 
-def _item(options: PredictOptions, default: float | None) -> BatchItemResult:
-    finding = FindingExplanation(
-        name="Effusion",
-        concept_id="C1",
-        label="Pleural effusion",
-        probability=0.4,
-        threshold=0.5,
-        heatmap=Heatmap(np.eye(2, dtype=np.float32), (0, 0), 0.5),
-        evidence=[Evidence("C2", "Fluid", 0.123456789)],
-    )
-    expl = ImageExplanation(index=0, grid=(2, 2), geometry=None, findings=[finding])
-    paths = {"C1": [{"nodes": [], "edges": [], "score": 1.0}]}
-    return BatchItemResult(
-        explanation=expl,
-        inference_ms=1.0,
-        explain_ms=0.5,
-        paths=paths,
-        findings=findings_json(expl, paths, options, default),
-        findings_for=(options, default),
+def _explanation(geometry: Geometry | None = None) -> ImageExplanation:
+    def finding(name: str, p: float, own: float | None) -> FindingExplanation:
+        return FindingExplanation(
+            name=name,
+            concept_id=f"C-{name}",
+            label=name.lower(),
+            probability=p,
+            threshold=own,
+            heatmap=Heatmap(np.eye(2, dtype=np.float32) / 3, (0, 0), 0.5, geometry),
+            evidence=[Evidence("E1", "Fluid", 0.123456789), Evidence(f"C-{name}", name, 1, True)],
+        )
+
+    return ImageExplanation(
+        index=0,
+        grid=(2, 2),
+        geometry=geometry,
+        findings=[finding("Effusion", 0.4, 0.5), finding("Mass", 0.2, None)],
     )
 
 
-def test_respond_uses_the_workers_findings_when_built_for_the_same_request() -> None:
-    options = PredictOptions(threshold=None)
-    item = _item(options, 0.3)
-    image = DecodedImage(np.zeros((4, 4), np.float32), "png", 4, 4)
-    body = respond(item, image, options, _Predictor(), default_threshold=0.3)  # type: ignore[arg-type]
-    assert item.findings is not None and body["findings"] is item.findings
-    [f] = item.findings
-    assert f["threshold"] == 0.3 and f["positive"] is True
-    assert f["heatmap"] == {
-        "rows": 2,
-        "cols": 2,
-        "values": [[1.0, 0.0], [0.0, 1.0]],
-        "peak": [0, 0],
-    }
-    assert f["evidence"] == [{"concept": {"id": "C2", "label": "Fluid"}, "relevance": 0.12346}]
-    # another default threshold, or other options: built again, not reused
-    other = respond(item, image, options, _Predictor(), default_threshold=None)  # type: ignore[arg-type]
-    assert other["findings"] is not item.findings and other["findings"][0]["threshold"] == 0.5
-    no_heat = PredictOptions(heatmap=False)
-    third = respond(item, image, no_heat, _Predictor(), default_threshold=0.3)  # type: ignore[arg-type]
-    assert third["findings"][0]["heatmap"] is None
+def test_thresholds_come_from_the_request_then_the_service_then_the_checkpoint() -> None:
+    expl, paths = _explanation(), {"C-Effusion": [{"nodes": [], "edges": [], "score": 1.0}]}
+    asked = findings_json(expl, paths, PredictOptions(threshold=0.1), 0.3)
+    assert [f["threshold"] for f in asked] == [0.1, 0.1] and all(f["positive"] for f in asked)
+    service = findings_json(expl, paths, PredictOptions(), 0.3)
+    assert [(f["threshold"], f["positive"]) for f in service] == [(0.3, True), (0.3, False)]
+    own = findings_json(expl, paths, PredictOptions(), None)  # the checkpoint's, else 0.5
+    assert [(f["threshold"], f["positive"]) for f in own] == [(0.5, False), (0.5, False)]
+    effusion = own[0]
+    assert effusion["paths"] == paths["C-Effusion"] and own[1]["paths"] == []
+    # the finding's own concept is not its evidence; relevances keep 5 decimals
+    assert effusion["evidence"] == [
+        {"concept": {"id": "E1", "label": "Fluid"}, "relevance": 0.12346}
+    ]
+
+
+def test_heat_maps_match_the_explanations_own_and_can_be_left_out() -> None:
+    geo = Geometry(orig_height=100, orig_width=50, size=64, scale_y=0.64, scale_x=0.64,
+                   pad_top=0, pad_left=16)  # fmt: skip
+    expl = _explanation(geo)
+    [heat, _] = [f["heatmap"] for f in findings_json(expl, {}, PredictOptions(), None)]
+    want = expl.findings[0].heatmap.to_dict()
+    assert heat == {k: want[k] for k in ("rows", "cols", "values", "peak", "extent")}
+    off = findings_json(expl, {}, PredictOptions(heatmap=False), None)
+    assert [f["heatmap"] for f in off] == [None, None]
+
+
+def test_respond_wraps_the_workers_findings() -> None:
+    findings = findings_json(_explanation(), {}, PredictOptions(), 0.3)
+    item = BatchItemResult(_explanation(), 1.0, 0.5, {}, findings)
+    image = DecodedImage(np.zeros((4, 4), np.float32), "png", 4, 4, notes=["inverted"])
+    body = respond(item, image, PredictOptions(), _Predictor(), decode_ms=2.0)  # type: ignore[arg-type]
+    assert body["findings"] is findings
+    assert body["notes"] == ["inverted"] and body["timings"]["total_ms"] == 3.5
+    assert body["model"] == {"name": "m", "version": "v1"}

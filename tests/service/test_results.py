@@ -295,7 +295,7 @@ def test_rows_retried_one_by_one_after_a_clash_are_not_reported_as_clashing(
 
     from sqlalchemy.exc import OperationalError
 
-    monkeypatch.setattr("service.results.time.sleep", lambda s: None)
+    monkeypatch.setattr("service.write_behind.time.sleep", lambda s: None)
     taken = store.put(PAYLOAD)
     real_write = db.write
     calls = {"n": 0}
