@@ -44,14 +44,12 @@ from models.train_data import build_datasets  # noqa: E402
 ARMS = ("kg", "nokg", "densenet")
 
 
-class FixedCellScorer:
-    """Another scorer's preprocessing, with a map that is 1 at ``cell`` and 0 elsewhere."""
+class _Wrapping:
+    """A scorer built on another one: its names, input size and preprocessing."""
 
-    def __init__(self, base: Q.Scorer, grid: tuple[int, int], cell: tuple[int, int]):
+    def __init__(self, base: Q.Scorer):
         self.base = base
         self.names = list(base.names)
-        self.grid = grid
-        self.cell = cell
 
     @property
     def image_size(self) -> int:
@@ -59,6 +57,15 @@ class FixedCellScorer:
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Any, list[Any]]:
         return self.base.preprocess(images)
+
+
+class FixedCellScorer(_Wrapping):
+    """Another scorer's preprocessing, with a map that is 1 at ``cell`` and 0 elsewhere."""
+
+    def __init__(self, base: Q.Scorer, grid: tuple[int, int], cell: tuple[int, int]):
+        super().__init__(base)
+        self.grid = grid
+        self.cell = cell
 
     def score(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
         b, k = int(batch.shape[0]), len(self.names)
@@ -70,21 +77,13 @@ class FixedCellScorer:
         raise Q.QualityError("a fixed cell is a location prior: it scores no finding")
 
 
-class PeakRecorder:
+class PeakRecorder(_Wrapping):
     """Another scorer, unchanged, noting each map's peak cell as the images go by (so the
     peaks come from the same pass that scores the pointing game)."""
 
     def __init__(self, base: Q.Scorer):
-        self.base = base
-        self.names = list(base.names)
+        super().__init__(base)
         self.peaks: list[np.ndarray] = []  # (B, K) flat peak cell per image batch
-
-    @property
-    def image_size(self) -> int:
-        return self.base.image_size
-
-    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Any, list[Any]]:
-        return self.base.preprocess(images)
 
     def score(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
         probs, maps = self.base.score(batch)
