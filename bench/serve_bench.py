@@ -14,7 +14,9 @@ measures the HTTP stack alone rather than the service's share of a real model's 
 Definitions:
   in-process   decode -> preprocess -> forward -> explain (+ ontology paths) in this process:
                images decoded one by one, then ``InferencePipeline.run_batch`` on batches of
-               ``max_batch_size``, as the server's worker would run them.
+               ``max_batch_size``, as the server's worker would run them; the start-up
+               heap frozen out of the garbage collector's full passes, as the server's
+               lifespan does (service.heap).
   HTTP         ``POST /v1/predict`` (multipart PNG, API key) to a ``kgdx serve`` subprocess,
                over ``--concurrency`` keep-alive connections of a lean load generator
                (requests encoded once, as wrk does: the client shares the 2 cores with the
@@ -489,6 +491,7 @@ def run_phases(
 
     from kg.store import GraphStore
     from service.app import load_model
+    from service.heap import freeze_startup_heap
     from service.metrics import Metrics
     from service.pipeline import PredictOptions
     from service.settings import Settings
@@ -502,6 +505,7 @@ def run_phases(
     load_model(state)
     assert state.pipeline is not None and state.predictor is not None
     pipeline = state.pipeline
+    freeze_startup_heap()  # as the server's lifespan does once its model is loaded
     options = PredictOptions(
         top_k_paths=settings.top_k_paths,
         evidence_k=settings.evidence_k,

@@ -29,6 +29,7 @@ from service.audit import AuditLog
 from service.batcher import DynamicBatcher
 from service.db import ServiceDatabase
 from service.error_handlers import install_error_handlers
+from service.heap import freeze_startup_heap, thaw_heap
 from service.instances import InstanceStore
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -118,6 +119,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             observer=state.metrics,
         )
         await state.batcher.start()
+        frozen = await anyio.to_thread.run_sync(freeze_startup_heap)
+        log.debug("start-up heap frozen: %d objects", frozen)
         state.ready = True
         log.info(
             "ready: model %s, ontology %s",
@@ -146,6 +149,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await anyio.to_thread.run_sync(state.audit.close, settings.drain_timeout_s)
         state.store.close()
         state.db.close()
+        thaw_heap()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
 from kg.graph import ConceptGraph
@@ -63,6 +64,10 @@ class BatchItemResult:
     # The response's findings (findings_json), built on the worker right after the paths
     # while their data is still in the caches: respond only wraps them.
     findings: list[dict[str, Any]]
+    # The same findings as JSON, encoded there too: the route splices these bytes into its
+    # answer (orjson.Fragment). Encoded later on the event loop, after the next forward pass
+    # has swept the caches, the same 19 kB took 0.12 ms instead of 0.02 ms.
+    findings_encoded: bytes = b""
 
 
 # -- stages --------------------------------------------------------------------------------
@@ -279,6 +284,7 @@ class InferencePipeline:
                 for f in expl.findings
             }
             findings = findings_json(expl, paths, req.options, req.default_threshold)
+            encoded = orjson.dumps(findings)
             results.append(
                 BatchItemResult(
                     explanation=expl,
@@ -286,6 +292,7 @@ class InferencePipeline:
                     explain_ms=(share + time.perf_counter() - t3) * 1e3,
                     paths=paths,
                     findings=findings,
+                    findings_encoded=encoded,
                 )
             )
         return results

@@ -187,7 +187,10 @@ async def _predict(
     thumb = await thumb_future
     # The payload was built by respond() to PredictResponse's shape (tests check it against
     # the schema); it is encoded once, for the answer and the stored copy, without
-    # re-validating a large nested document.
+    # re-validating a large nested document. The findings, most of it, were encoded by the
+    # batch worker (BatchItemResult.findings_encoded) and are spliced in as they are.
+    if result.findings_encoded:
+        payload["findings"] = orjson.Fragment(result.findings_encoded)
     body = orjson.dumps(payload)
     results = state.results
     assert results is not None
