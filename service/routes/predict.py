@@ -22,6 +22,7 @@ from service.errors import (
     UnprocessableImageError,
     UnsupportedMediaTypeError,
 )
+from service.form_data import SMALL_FORM_BYTES, FormFile, split_form
 from service.logs import hash_uid
 from service.pipeline import PredictOptions, PredictRequest, decode, respond, thumbnail_png
 from service.schemas import KEY_ERRORS, PredictResponse, error_responses
@@ -101,46 +102,72 @@ async def predict(request: Request) -> Response:
     state = await get_ready_state(request)
     await _require_predict(request)
     await require_form_upload(request)
-    # A malformed body is answered 400 by Starlette (its HTTPException, rendered as JSON);
-    # parts beyond these counts too. Extra parts within them are ignored, and a repeated
-    # field counts once, its last value, as FastAPI's Form parameters did.
+    # A small, well-formed form is split by hand (service.form_data); anything else, and a
+    # body too large for that, goes through Starlette's parser, which answers a malformed
+    # body 400 (its HTTPException, rendered as JSON), as it does parts beyond these counts.
+    # Extra parts within them are ignored, and a repeated field counts once, its last value,
+    # as FastAPI's Form parameters did.
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) <= SMALL_FORM_BYTES:
+        quick = split_form(
+            await request.body(),
+            request.headers["content-type"],
+            max_files=MAX_FILE_PARTS,
+            max_fields=MAX_FIELD_PARTS,
+        )
+        if quick is not None:
+            upload = quick.files.get("file")
+            if upload is None:
+                raise _no_file(quick.fields.get("file"))
+            return await _predict(request, state, upload, _options(quick.fields))
     form = await request.form(max_files=MAX_FILE_PARTS, max_fields=MAX_FIELD_PARTS)
     try:
         file = form.get("file")
         if not isinstance(file, UploadFile):
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "missing" if file is None else "value_error",
-                        "loc": ("body", "file"),
-                        "msg": "Field required"
-                        if file is None
-                        else "expected a file upload, got a text field",
-                        "input": None,
-                    }
-                ]
-            )
-        try:
-            # An empty field is one not sent (``curl -F threshold=``), as with Form().
-            fields = PredictForm.model_validate(
-                {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v}
-            )
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-            ) from None
-        return await _predict(request, state, file, fields)
+            raise _no_file(file)
+        fields = _options({k: v for k, v in form.items() if isinstance(v, str)})
+        data = await file.read(state.settings.max_upload_bytes + 1)
+        return await _predict(
+            request, state, FormFile(file.filename or "", file.content_type, data), fields
+        )
     finally:
         await form.close()
 
 
+def _no_file(value: object) -> RequestValidationError:
+    """422 for a form whose ``file`` is missing or a text field."""
+    return RequestValidationError(
+        [
+            {
+                "type": "missing" if value is None else "value_error",
+                "loc": ("body", "file"),
+                "msg": "Field required"
+                if value is None
+                else "expected a file upload, got a text field",
+                "input": None,
+            }
+        ]
+    )
+
+
+def _options(form: dict[str, str]) -> PredictForm:
+    """The text fields checked; an empty one counts as not sent (``curl -F threshold=``),
+    as with Form()."""
+    try:
+        return PredictForm.model_validate({k: v for k, v in form.items() if k != "file" and v})
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
+
+
 async def _predict(
-    request: Request, state: AppState, file: UploadFile, fields: PredictForm
+    request: Request, state: AppState, upload: FormFile, fields: PredictForm
 ) -> Response:
     settings = state.settings
     assert state.batcher is not None and state.predictor is not None
     t0 = time.perf_counter()
-    data = await file.read(settings.max_upload_bytes + 1)
+    data = upload.data
     if len(data) > settings.max_upload_bytes:
         raise PayloadTooLargeError(f"upload is larger than {settings.max_upload_bytes} bytes")
     limits = DecodeLimits(
@@ -159,7 +186,7 @@ async def _predict(
     loop = asyncio.get_running_loop()
     with state.batcher.expecting() as announced:  # a filling batch may wait for this one
         decoded = await loop.run_in_executor(
-            state.decode_pool, decode, data, file.content_type, file.filename, limits
+            state.decode_pool, decode, data, upload.content_type, upload.filename, limits
         )
         decode_ms = (time.perf_counter() - t0) * 1e3
         if decoded.dicom is not None:
