@@ -179,3 +179,49 @@ def test_iterative_deepening_matches_the_full_search(
     monkeypatch.setattr(kg.paths, "MIN_EDGE_COST", 0.0)  # never stop early
     full = [finder.paths_to_any(s, t, k=k, relevance=relevance) for s, t, k in queries]
     assert fast == full
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cached_search_answers_exactly_as_the_walk(seed: int) -> None:
+    """Paths, order (ties included) and scores are the uncached walk's, query after query on
+    one finder (its caches warm), whatever the relevances, relation filters, hops and k."""
+    from tests.kg.reference_paths import ReferencePathFinder
+
+    rng = random.Random(seed)
+    o = Ontology(name="rand")
+    ids = [f"N:{i}" for i in range(25)]
+    for cid in ids:
+        o.add(Concept(cid, cid))
+    edges = {
+        (rng.choice(ids), rng.choice(["is_a", "suggests", "part_of"]), rng.choice(ids))
+        for _ in range(60)
+    }
+    o.relations = [
+        Relation(s, p, t, weight=rng.choice([None, 0.4, 0.7])) for s, p, t in edges if s != t
+    ]
+    graph = ConceptGraph.from_ontology(o)
+    cached, walk = PathFinder(graph), ReferencePathFinder(graph)
+    for _ in range(60):
+        # relevances drawn from a few values make equal costs, so ties must break alike
+        relevance = {c: rng.choice([0.0, 0.5, 1.0, rng.random()]) for c in rng.sample(ids, 6)}
+        query = {
+            "max_hops": rng.choice([1, 2, 3, 4, 5]),
+            "k": rng.choice([1, 2, 3, 5, 8]),
+            "relevance": rng.choice([None, relevance]),
+            "relations": rng.choice([None, ["is_a", "suggests"], ["part_of"]]),
+        }
+        source, targets = rng.choice(ids[:5]), rng.sample(ids, rng.choice([1, 3, 6]))
+        assert cached.paths_to_any(source, targets, **query) == walk.paths_to_any(
+            source, targets, **query
+        )
+
+
+def test_the_caches_stay_bounded_and_refill(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kg.paths
+
+    monkeypatch.setattr(kg.paths, "MAX_CACHED", 12)
+    finder = PathFinder(ConceptGraph.from_ontology(_chest()))
+    first = [finder.paths(s, t, k=3) for s in ("X:1", "X:3", "X:6") for t in ("X:4", "X:5")]
+    assert finder._cached <= 12
+    again = [finder.paths(s, t, k=3) for s in ("X:1", "X:3", "X:6") for t in ("X:4", "X:5")]
+    assert again == first and finder._cached <= 12
