@@ -27,9 +27,9 @@ Definitions:
                explain_ms`` from the response. It holds the HTTP stack (parsing, multipart,
                auth, middleware, JSON), the queue wait (including the batcher's
                ``max_wait_ms`` window), the response envelope (``respond``; the findings'
-               JSON is built by the batch worker after the paths, as ``kgdx predict``
-               builds it, and counts in ``explain_ms``, in-process too), the thumbnail and
-               the result/audit writes, and the loopback round trip.
+               JSON is built and encoded by the batch worker after the paths, as
+               ``kgdx predict`` builds it, and counts in ``explain_ms``, in-process too),
+               the thumbnail and the result/audit writes, and the loopback round trip.
   batching     throughput at 16 clients of the server with the configured
                ``max_batch_size`` over a second server with ``max_batch_size 1``.
 
