@@ -40,13 +40,14 @@ RELEVANCE_DISCOUNT = 0.5
 #: The cheapest an edge can be: weight 1 (cost 1) into a fully relevant concept.
 MIN_EDGE_COST = 1.0 - RELEVANCE_DISCOUNT
 
-#: Half-paths and joined pairs a finder keeps cached; past that the caches are emptied and
-#: built anew from the next query on. Explaining 480 varied radiographs with the shipped
-#: model filled them with about 22,000.
+#: Half-paths and joined pairs a finder keeps cached (about 300 bytes each: 60 MB at most);
+#: past that the caches are emptied and built anew from the next query on. Explaining 480
+#: varied radiographs with the shipped model filled them with about 22,000.
 MAX_CACHED = 200_000
 
 _Edges = tuple[tuple[int, int], ...]  # (relation index, direction) per edge
-_Key = tuple[int, int, frozenset[int] | None, bool]
+_HalfKey = tuple[int, int, frozenset[int] | None, bool]  # start, length, relations, backward
+_JoinKey = tuple[int, int, int, frozenset[int] | None]  # source, target, hops, relations
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,8 @@ class PathFinder:
 
     def __init__(self, graph: ConceptGraph):
         self.graph = graph
-        self._halves: dict[_Key, _Halves] = {}
-        self._joins: dict[tuple[int, int, int, frozenset[int] | None], _Joins] = {}
+        self._halves: dict[_HalfKey, _Halves] = {}
+        self._joins: dict[_JoinKey, _Joins] = {}
         self._cached = 0  # half-paths and pairs held in the two caches
 
     def paths(
@@ -211,7 +212,7 @@ class PathFinder:
         offset = np.cumsum([0] + [len(c) for c in costs])
         # Only a candidate no dearer than the k-th cheapest can end in the top k; the others
         # would only have filled free places in the heap, so they are left out of it.
-        if len(cost) > k:
+        if len(cost) > k and not np.isnan(cost).any():  # NaN: the heap alone, as the walk
             (keep,) = np.nonzero(cost <= np.partition(cost, k - 1)[k - 1])
         else:
             keep = np.arange(len(cost))
@@ -348,6 +349,7 @@ class PathFinder:
         return halves
 
     def _remember(self, cache: dict[Any, Any], key: Any, value: Any, size: int) -> None:
+        size = max(size, 1)  # an empty join is an entry too
         if self._cached + size > MAX_CACHED:
             self._halves.clear()
             self._joins.clear()

@@ -137,6 +137,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        thaw_heap()  # first: nothing below may skip it
         state.draining = True
         state.ready = False
         if state.worker is not None:  # finish or hand back the current job
@@ -149,7 +150,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await anyio.to_thread.run_sync(state.audit.close, settings.drain_timeout_s)
         state.store.close()
         state.db.close()
-        thaw_heap()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -89,10 +89,10 @@ def split_form(body: bytes, content_type: str, *, max_files: int, max_fields: in
     """The parts of a well-formed form body, or ``None`` for Starlette's parser to answer."""
     if len(body) > SMALL_FORM_BYTES:
         return None
-    _, params = parse_options_header(content_type)
+    media_type, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
-    if not boundary or b"charset" in params:
-        return None
+    if media_type != b"multipart/form-data" or not boundary or b"charset" in params:
+        return None  # Starlette reads another media type as an empty form
     opening = b"--" + boundary + b"\r\n"
     closing = b"\r\n--" + boundary + b"--"
     if not body.startswith(opening):

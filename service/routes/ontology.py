@@ -86,7 +86,9 @@ async def paths(
 ) -> dict[str, Any]:
     """Top-k paths between two concepts of the serving ontology, relations either way."""
     assert state.graph is not None and state.predictor is not None
-    found = PathFinder(state.graph).paths(source, target, max_hops=max_hops, k=k)
+    # The batch worker's finder, whose caches the explanations have filled.
+    finder = state.pipeline.finder if state.pipeline is not None else PathFinder(state.graph)
+    found = finder.paths(source, target, max_hops=max_hops, k=k)
     return {
         "ontology": {
             "name": state.predictor.ontology_name,

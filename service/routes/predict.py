@@ -108,7 +108,7 @@ async def predict(request: Request) -> Response:
     # Extra parts within them are ignored, and a repeated field counts once, its last value,
     # as FastAPI's Form parameters did.
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) <= SMALL_FORM_BYTES:
+    if declared.isascii() and declared.isdigit() and int(declared) <= SMALL_FORM_BYTES:
         quick = split_form(
             await request.body(),
             request.headers["content-type"],

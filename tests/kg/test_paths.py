@@ -225,3 +225,19 @@ def test_the_caches_stay_bounded_and_refill(monkeypatch: pytest.MonkeyPatch) -> 
     assert finder._cached <= 12
     again = [finder.paths(s, t, k=3) for s in ("X:1", "X:3", "X:6") for t in ("X:4", "X:5")]
     assert again == first and finder._cached <= 12
+
+
+def test_a_nan_relevance_is_ranked_as_the_walk_ranks_it() -> None:
+    """NaN costs defeat the cheapest-k filter; the heap alone then decides, as in the walk."""
+    from tests.kg.reference_paths import ReferencePathFinder
+
+    o = Ontology(name="diamond")
+    for cid in "ABCDE":
+        o.add(Concept(cid, cid))
+    o.relations = [Relation("A", "r", m) for m in "BCE"] + [Relation(m, "r", "D") for m in "BCE"]
+    graph = ConceptGraph.from_ontology(o)
+    for relevance in ({"B": float("nan")}, dict.fromkeys("BCE", float("nan"))):
+        got = PathFinder(graph).paths("A", "D", max_hops=2, k=2, relevance=relevance)
+        assert got == ReferencePathFinder(graph).paths(
+            "A", "D", max_hops=2, k=2, relevance=relevance
+        )
