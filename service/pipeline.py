@@ -67,7 +67,7 @@ class BatchItemResult:
     # The same findings as JSON, encoded there too: the route splices these bytes into its
     # answer (orjson.Fragment). Encoded later on the event loop, after the next forward pass
     # has swept the caches, the same 19 kB took 0.12 ms instead of 0.02 ms.
-    findings_encoded: bytes = b""
+    findings_encoded: bytes
 
 
 # -- stages --------------------------------------------------------------------------------

@@ -216,8 +216,7 @@ async def _predict(
     # the schema); it is encoded once, for the answer and the stored copy, without
     # re-validating a large nested document. The findings, most of it, were encoded by the
     # batch worker (BatchItemResult.findings_encoded) and are spliced in as they are.
-    if result.findings_encoded:
-        payload["findings"] = orjson.Fragment(result.findings_encoded)
+    payload["findings"] = orjson.Fragment(result.findings_encoded)
     body = orjson.dumps(payload)
     results = state.results
     assert results is not None

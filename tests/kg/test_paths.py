@@ -151,6 +151,21 @@ def test_matches_brute_force_on_random_graphs(seed: int, max_hops: int) -> None:
         assert [1 / p.score for p in top] == pytest.approx([c for c, _ in ref[:3]], rel=1e-5)
 
 
+def _random_ontology(
+    rng: random.Random, nodes: int, edges: int, predicates: list[str], weights: list[float | None]
+) -> tuple[Ontology, list[str]]:
+    """``nodes`` concepts joined by up to ``edges`` distinct random relations (no loops)."""
+    o = Ontology(name="rand")
+    ids = [f"N:{i}" for i in range(nodes)]
+    for cid in ids:
+        o.add(Concept(cid, cid))
+    drawn = {(rng.choice(ids), rng.choice(predicates), rng.choice(ids)) for _ in range(edges)}
+    o.relations = [
+        Relation(s, p, t, weight=rng.choice(weights)) for s, p, t in sorted(drawn) if s != t
+    ]
+    return o, ids
+
+
 def test_ancestors_follow_is_a_upwards() -> None:
     graph = ConceptGraph.from_ontology(_chest())
     assert graph.ancestors("X:5") == ["X:3"]
@@ -164,14 +179,7 @@ def test_iterative_deepening_matches_the_full_search(
     import kg.paths
 
     rng = random.Random(seed)
-    o = Ontology(name="rand")
-    ids = [f"N:{i}" for i in range(30)]
-    for cid in ids:
-        o.add(Concept(cid, cid))
-    edges = {
-        (rng.choice(ids), rng.choice(["is_a", "suggests"]), rng.choice(ids)) for _ in range(70)
-    }
-    o.relations = [Relation(s, p, t, weight=rng.choice([None, 0.4])) for s, p, t in edges if s != t]
+    o, ids = _random_ontology(rng, 30, 70, ["is_a", "suggests"], [None, 0.4])
     finder = PathFinder(ConceptGraph.from_ontology(o))
     relevance = {cid: rng.random() for cid in rng.sample(ids, 10)}
     queries = [(rng.choice(ids), rng.sample(ids, 4), rng.choice([1, 3, 5])) for _ in range(20)]
@@ -188,17 +196,7 @@ def test_cached_search_answers_exactly_as_the_walk(seed: int) -> None:
     from tests.kg.reference_paths import ReferencePathFinder
 
     rng = random.Random(seed)
-    o = Ontology(name="rand")
-    ids = [f"N:{i}" for i in range(25)]
-    for cid in ids:
-        o.add(Concept(cid, cid))
-    edges = {
-        (rng.choice(ids), rng.choice(["is_a", "suggests", "part_of"]), rng.choice(ids))
-        for _ in range(60)
-    }
-    o.relations = [
-        Relation(s, p, t, weight=rng.choice([None, 0.4, 0.7])) for s, p, t in edges if s != t
-    ]
+    o, ids = _random_ontology(rng, 25, 60, ["is_a", "suggests", "part_of"], [None, 0.4, 0.7])
     graph = ConceptGraph.from_ontology(o)
     cached, walk = PathFinder(graph), ReferencePathFinder(graph)
     for _ in range(60):

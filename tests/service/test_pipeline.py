@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import orjson
 
 from models.explain import Evidence, FindingExplanation, Heatmap, ImageExplanation
 from models.transforms import Geometry
@@ -67,7 +68,7 @@ def test_heat_maps_match_the_explanations_own_and_can_be_left_out() -> None:
 
 def test_respond_wraps_the_workers_findings() -> None:
     findings = findings_json(_explanation(), {}, PredictOptions(), 0.3)
-    item = BatchItemResult(_explanation(), 1.0, 0.5, {}, findings)
+    item = BatchItemResult(_explanation(), 1.0, 0.5, {}, findings, orjson.dumps(findings))
     image = DecodedImage(np.zeros((4, 4), np.float32), "png", 4, 4, notes=["inverted"])
     body = respond(item, image, PredictOptions(), _Predictor(), decode_ms=2.0)  # type: ignore[arg-type]
     assert body["findings"] is findings
