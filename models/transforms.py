@@ -3,8 +3,8 @@
 Steps, in order (``Preprocess``):
 
 1. **Letterbox** (``resize="pad"``, default): resize keeping the aspect ratio so the longer
-   side is ``image_size`` (MONAI ``Resize``, ``area`` when shrinking, ``bilinear`` when
-   enlarging, e.g. the 64 px NIH images), then zero-pad the shorter side symmetrically
+   side is ``image_size`` (``area`` when shrinking, ``bilinear`` when enlarging, e.g. the
+   64 px NIH images: what MONAI's ``Resize`` computes, without its metadata), then zero-pad the shorter side symmetrically
    (``floor`` of the margin at the top / left). Nothing is cropped, so every finding stays in
    view and a heat map maps back to the original pixels exactly. ``resize="stretch"``
    resizes straight to ``image_size`` x ``image_size`` instead (aspect ratio lost). The
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Affine, Resize
+from monai.transforms import Affine
 
 from models.errors import ConfigError, DataError
 
@@ -224,9 +224,7 @@ class Preprocess:
         geo = self.geometry(h, w)
         new_h, new_w = geo.content_height, geo.content_width
         if (new_h, new_w) != (h, w):
-            shrinking = new_h * new_w < h * w
-            resize = Resize(spatial_size=(new_h, new_w), mode="area" if shrinking else "bilinear")
-            x = _plain(resize(x))
+            x = _resize(x, new_h, new_w)
         bottom = self.size - new_h - geo.pad_top
         right = self.size - new_w - geo.pad_left
         if geo.pad_top or bottom or geo.pad_left or right:
@@ -296,6 +294,19 @@ def _as_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if x.shape[1] < 1 or x.shape[2] < 1:
         raise DataError(f"image is empty, shape {tuple(x.shape)}")
     return x.to(torch.float32).clone()
+
+
+def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(1, H, W)`` -> ``(1, height, width)``: ``area`` when shrinking, ``bilinear`` when
+    enlarging, bit for bit what ``monai.transforms.Resize(spatial_size=(height, width),
+    mode=...)`` returns (its defaults: no anti-aliasing, ``align_corners=None``), which calls
+    this same ``interpolate`` after about a thousand Python calls of metadata bookkeeping per
+    image. The service preprocesses on its batch worker, where that Python held the GIL
+    against the request threads (tests/models/test_transforms.py holds the two equal)."""
+    shrinking = height * width < x.shape[1] * x.shape[2]
+    return F.interpolate(
+        x[None], size=(height, width), mode="area" if shrinking else "bilinear", align_corners=None
+    )[0]
 
 
 def _plain(x: Any) -> torch.Tensor:

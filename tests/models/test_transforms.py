@@ -126,3 +126,28 @@ def test_rejects_non_grayscale(shape) -> None:
 def test_config_validation(kw: dict) -> None:
     with pytest.raises(ConfigError):
         PreprocessConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "hw",
+    [(256, 256), (194, 256), (256, 178), (64, 64), (37, 91), (1024, 1024), (130, 127)],
+)
+@pytest.mark.parametrize("size", [32, 128, 224])
+def test_letterbox_resize_is_monais_bit_for_bit(hw: tuple[int, int], size: int) -> None:
+    """The plain interpolate in Preprocess.base equals MONAI's Resize exactly (the
+    checkpoints were trained through MONAI's), shrinking (area) and enlarging (bilinear)."""
+    from monai.transforms import Resize
+
+    image = np.random.default_rng(hw[0] * 7 + hw[1] + size).random(hw, dtype=np.float32)
+    pre = Preprocess(_cfg(size, normalize="none"))
+    got, geo = pre.base(image)
+    new_h, new_w = geo.content_height, geo.content_width
+    x = torch.from_numpy(image)[None]
+    if (new_h, new_w) != hw:
+        shrinking = new_h * new_w < hw[0] * hw[1]
+        resize = Resize(spatial_size=(new_h, new_w), mode="area" if shrinking else "bilinear")
+        x = resize(x).as_tensor()
+    top, left = geo.pad_top, geo.pad_left
+    content = got[:, top : top + new_h, left : left + new_w]
+    assert torch.equal(content, x.clamp(0.0, 1.0))
+    assert float(got.sum()) == pytest.approx(float(content.sum()))  # the rest is padding
