@@ -51,6 +51,9 @@ class PredictRequest:
     text: str | None = None
     options: PredictOptions = field(default_factory=PredictOptions)
     default_threshold: float | None = None  # the service's threshold (see _threshold)
+    # The model input (1, S, S) and its letterbox geometry, when the request's own thread
+    # prepared them (InferencePipeline.prepare); else the worker preprocesses the image.
+    prepared: tuple[torch.Tensor, Geometry] | None = None
 
 
 @dataclass
@@ -261,10 +264,35 @@ class InferencePipeline:
             graph = ConceptGraph.from_arrays(predictor.arrays)
         self.finder = PathFinder(graph)
 
+    def prepare(self, image: DecodedImage) -> tuple[torch.Tensor, Geometry]:
+        """One image's model input ``(1, S, S)`` and geometry, for
+        :attr:`PredictRequest.prepared`: the service prepares each request on its decode
+        thread, beside the batch in flight, so the worker's batch starts with the forward
+        pass.
+
+        Raises:
+            DataError: NaN or infinite pixels (see :meth:`Predictor.preprocess`).
+        """
+        batch, geometries = preprocess(self.predictor, [image])
+        return batch[0], geometries[0]
+
+    def _inputs(self, requests: list[PredictRequest]) -> tuple[torch.Tensor, list[Geometry]]:
+        """The batch's model inputs: the prepared ones as they are, the rest preprocessed."""
+        missing = [r.image for r in requests if r.prepared is None]
+        if len(missing) == len(requests):
+            return preprocess(self.predictor, missing)
+        made: list[tuple[torch.Tensor, Geometry]] = []
+        if missing:
+            batch, geometries = preprocess(self.predictor, missing)
+            made = list(zip(batch, geometries, strict=True))
+        fresh = iter(made)
+        pairs = [r.prepared if r.prepared is not None else next(fresh) for r in requests]
+        return torch.stack([x for x, _ in pairs]), [g for _, g in pairs]
+
     def run_batch(self, requests: list[PredictRequest]) -> list[BatchItemResult]:
         """Score and explain a batch; one result per request, in order."""
         t0 = time.perf_counter()
-        batch, geometries = preprocess(self.predictor, [r.image for r in requests])
+        batch, geometries = self._inputs(requests)
         texts = [r.text for r in requests]
         output = predict(self.predictor, batch, texts if any(texts) else None)
         t1 = time.perf_counter()
@@ -308,3 +336,16 @@ def thumbnail_png(pixels: np.ndarray, max_side: int = 512) -> bytes:
         small.thumbnail((max_side, max_side))
         image = np.asarray(small)
     return gray_png(image)
+
+
+def decode_prepared(
+    pipeline: InferencePipeline,
+    data: bytes,
+    content_type: str | None = None,
+    filename: str | None = None,
+    limits: DecodeLimits | None = None,
+) -> tuple[DecodedImage, tuple[torch.Tensor, Geometry]]:
+    """:func:`decode`, then :meth:`InferencePipeline.prepare`: a request's whole share of the
+    work before its batch, in one job of the service's decode threads."""
+    image = decode(data, content_type, filename, limits)
+    return image, pipeline.prepare(image)

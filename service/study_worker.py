@@ -69,7 +69,7 @@ from service.pipeline import (
     BatchItemResult,
     PredictOptions,
     PredictRequest,
-    decode,
+    decode_prepared,
     respond,
     thumbnail_png,
 )
@@ -382,7 +382,7 @@ class StudyWorker:
         state = self.state
         settings = state.settings
         assert state.batcher is not None and state.predictor is not None
-        assert state.results is not None
+        assert state.results is not None and state.pipeline is not None
         limits = DecodeLimits(
             max_bytes=settings.max_upload_bytes,
             max_pixels=settings.max_pixels,
@@ -396,15 +396,21 @@ class StudyWorker:
             max_hops=settings.max_path_hops,
         )
         loop = asyncio.get_running_loop()
-        ready: list[tuple[Any, Any, float]] = []
+        ready: list[tuple[Any, Any, Any, float]] = []
         failed: list[str] = []
         for row in chosen.selected:
             path = self.instances.path_of(row)
             t0 = time.perf_counter()
             data = await asyncio.to_thread(path.read_bytes)
             try:
-                image = await loop.run_in_executor(
-                    state.decode_pool, decode, data, "application/dicom", None, limits
+                image, prepared = await loop.run_in_executor(
+                    state.decode_pool,
+                    decode_prepared,
+                    state.pipeline,
+                    data,
+                    "application/dicom",
+                    None,
+                    limits,
                 )
             except (ServiceError, DataError) as e:
                 reason = f"decode error: {getattr(e, 'message', None) or type(e).__name__}"
@@ -413,18 +419,20 @@ class StudyWorker:
                 continue
             finally:
                 del data
-            ready.append((row, image, (time.perf_counter() - t0) * 1e3))
+            ready.append((row, image, prepared, (time.perf_counter() - t0) * 1e3))
         if not ready:
             raise PermanentJobError(f"no decodable image: {'; '.join(sorted(set(failed)))}")
         answers = await asyncio.gather(
             *(
-                self._submit_when_room(PredictRequest(image, None, options, settings.threshold))
-                for _, image, _ in ready
+                self._submit_when_room(
+                    PredictRequest(image, None, options, settings.threshold, prepared)
+                )
+                for _, image, prepared, _ in ready
             )
         )
         failpoint("worker.inference")
         scored = []
-        for (row, image, decode_ms), (item, timing) in zip(ready, answers, strict=True):
+        for (row, image, _, decode_ms), (item, timing) in zip(ready, answers, strict=True):
             rid = result_id_for(job.id, row.sop_instance_uid)
             payload = respond(
                 item,

@@ -24,7 +24,13 @@ from service.errors import (
 )
 from service.form_data import SMALL_FORM_BYTES, FormFile, split_form
 from service.logs import hash_uid
-from service.pipeline import PredictOptions, PredictRequest, decode, respond, thumbnail_png
+from service.pipeline import (
+    PredictOptions,
+    PredictRequest,
+    decode_prepared,
+    respond,
+    thumbnail_png,
+)
 from service.schemas import KEY_ERRORS, PredictResponse, error_responses
 from service.state import AppState
 
@@ -166,6 +172,7 @@ async def _predict(
 ) -> Response:
     settings = state.settings
     assert state.batcher is not None and state.predictor is not None
+    assert state.pipeline is not None
     t0 = time.perf_counter()
     data = upload.data
     if len(data) > settings.max_upload_bytes:
@@ -185,8 +192,14 @@ async def _predict(
     )
     loop = asyncio.get_running_loop()
     with state.batcher.expecting() as announced:  # a filling batch may wait for this one
-        decoded = await loop.run_in_executor(
-            state.decode_pool, decode, data, upload.content_type, upload.filename, limits
+        decoded, prepared = await loop.run_in_executor(
+            state.decode_pool,
+            decode_prepared,
+            state.pipeline,
+            data,
+            upload.content_type,
+            upload.filename,
+            limits,
         )
         decode_ms = (time.perf_counter() - t0) * 1e3
         if decoded.dicom is not None:
@@ -196,7 +209,7 @@ async def _predict(
         thumb_future = loop.run_in_executor(state.decode_pool, thumbnail_png, decoded.pixels)
         try:
             result, timing = await state.batcher.submit_timed(
-                PredictRequest(decoded, text, options, settings.threshold), announced
+                PredictRequest(decoded, text, options, settings.threshold, prepared), announced
             )
         except BaseException:
             thumb_future.cancel()

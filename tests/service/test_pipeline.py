@@ -3,6 +3,7 @@ them unchanged."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,8 @@ from models.explain import Evidence, FindingExplanation, Heatmap, ImageExplanati
 from models.transforms import Geometry
 from service.decode import DecodedImage
 from service.pipeline import BatchItemResult, PredictOptions, findings_json, respond
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 
 
 class _Predictor:
@@ -74,3 +77,23 @@ def test_respond_wraps_the_workers_findings() -> None:
     assert body["findings"] is findings
     assert body["notes"] == ["inverted"] and body["timings"]["total_ms"] == 3.5
     assert body["model"] == {"name": "m", "version": "v1"}
+
+
+def test_prepared_inputs_score_as_the_workers_own_preprocessing(tiny_checkpoint: Path) -> None:
+    """A request prepared on its decode thread (decode_prepared) gets the same answer as one
+    the worker preprocesses, alone or mixed in one batch with unprepared ones."""
+    from models.inference import Predictor
+    from service.pipeline import InferencePipeline, PredictRequest, decode, decode_prepared
+
+    pipeline = InferencePipeline(Predictor.load(tiny_checkpoint))
+    files = sorted(SAMPLES.glob("*.png"))
+    plain = [PredictRequest(decode(p.read_bytes(), "image/png", p.name)) for p in files]
+    prepared = []
+    for p in files:
+        image, ready = decode_prepared(pipeline, p.read_bytes(), "image/png", p.name)
+        prepared.append(PredictRequest(image, prepared=ready))
+    assert all(r.prepared is not None and r.prepared[0].shape[0] == 1 for r in prepared)
+    mixed = [prepared[0], *plain[1:-1], prepared[-1]]
+    expected = [r.findings_encoded for r in pipeline.run_batch(plain)]
+    for batch in (prepared, mixed):
+        assert [r.findings_encoded for r in pipeline.run_batch(batch)] == expected
