@@ -12,11 +12,14 @@ ratio is reported but not gated: its forward pass takes a few milliseconds, so t
 measures the HTTP stack alone rather than the service's share of a real model's work.
 
 Definitions:
-  in-process   decode -> preprocess -> forward -> explain (+ ontology paths) in this process:
-               images decoded one by one, then ``InferencePipeline.run_batch`` on batches of
-               ``max_batch_size``, as the server's worker would run them; the start-up
-               heap frozen out of the garbage collector's full passes, as the server's
-               lifespan does (service.heap).
+  in-process   decode -> preprocess -> forward -> explain (+ ontology paths) in this process,
+               one stage after another on one thread: images decoded one by one, then
+               ``InferencePipeline.run_batch`` (preprocess included) on batches of
+               ``max_batch_size``; the start-up heap frozen out of the garbage collector's
+               full passes, as the server's lifespan does (service.heap). The server runs
+               the same stages, but decodes and preprocesses each request on its decode
+               threads (service.pipeline.decode_prepared) while the batch before it is in
+               the model, so its worker starts each batch at the forward pass.
   HTTP         ``POST /v1/predict`` (multipart PNG, API key) to a ``kgdx serve`` subprocess,
                over ``--concurrency`` keep-alive connections of a lean load generator
                (requests encoded once, as wrk does: the client shares the 2 cores with the

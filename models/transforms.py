@@ -4,9 +4,10 @@ Steps, in order (``Preprocess``):
 
 1. **Letterbox** (``resize="pad"``, default): resize keeping the aspect ratio so the longer
    side is ``image_size`` (``area`` when shrinking, ``bilinear`` when enlarging, e.g. the
-   64 px NIH images: what MONAI's ``Resize`` computes, without its metadata), then zero-pad the shorter side symmetrically
-   (``floor`` of the margin at the top / left). Nothing is cropped, so every finding stays in
-   view and a heat map maps back to the original pixels exactly. ``resize="stretch"``
+   64 px NIH images: what MONAI's ``Resize`` computes, without its metadata), then zero-pad
+   the shorter side symmetrically (``floor`` of the margin at the top / left). Nothing is
+   cropped, so every finding stays in view and a heat map maps back to the original pixels
+   exactly. ``resize="stretch"``
    resizes straight to ``image_size`` x ``image_size`` instead (aspect ratio lost). The
    square NIH images (256 or 64 px) are unaffected by the choice; Kermany and covid images
    are not square.
