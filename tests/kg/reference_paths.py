@@ -27,7 +27,7 @@ class ReferencePathFinder(PathFinder):
         max_hops: int,
         k: int,
         allowed: set[int] | None,
-        discount: dict[int, float],
+        discount: Any,  # this finder's own _discounts: a dict of node -> factor
     ) -> list[tuple[float, tuple[int, ...], tuple[tuple[int, int], ...]]]:
         """The k cheapest paths of at most ``max_hops``, as ``(cost, nodes, edges)``."""
         fwd_len = (max_hops + 1) // 2
