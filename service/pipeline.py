@@ -26,7 +26,7 @@ from models.inference import Predictor
 from models.outputs import KgdxOutput
 from models.transforms import Geometry
 from service.decode import DecodedImage, DecodeLimits, decode_image
-from service.png import gray_png
+from service.png import gray_png, is_plain_gray_png
 
 #: Relations whose far end is a candidate diagnosis for a finding.
 DIAGNOSIS_RELATIONS = ("suggests", "associated_with")
@@ -324,6 +324,17 @@ class InferencePipeline:
                 )
             )
         return results
+
+
+def thumbnail_for(data: bytes, image: DecodedImage, max_side: int = 512) -> bytes | None:
+    """The upload itself as the image's thumbnail, when it is one already: a plain 8-bit
+    grayscale PNG (:func:`service.png.is_plain_gray_png`: pixels and no metadata) decoded as
+    it stands (no notes) and no larger than ``max_side``. Its pixels are exactly those
+    :func:`thumbnail_png` would write. ``None`` otherwise: draw one with
+    :func:`thumbnail_png`."""
+    if image.kind != "png" or image.notes or max(image.width, image.height) > max_side:
+        return None
+    return data if is_plain_gray_png(data) else None
 
 
 def thumbnail_png(pixels: np.ndarray, max_side: int = 512) -> bytes:

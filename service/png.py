@@ -46,3 +46,37 @@ def gray_png(image: np.ndarray, level: int = 1) -> bytes:
         + _chunk(b"IDAT", isal_zlib.compress(raw.tobytes(), level))
         + _chunk(b"IEND", b"")
     )
+
+
+#: The only chunks a PNG may hold to be stored as it came (see :func:`is_plain_gray_png`).
+_PLAIN_CHUNKS = (b"IHDR", b"IDAT", b"IEND")
+
+
+def is_plain_gray_png(data: bytes) -> bool:
+    """Whether ``data`` is an 8-bit grayscale PNG (color type 0, not interlaced) made of
+    IHDR, IDAT and IEND chunks alone, with nothing after IEND.
+
+    Such a file carries its pixels and nothing else: no text, EXIF, time, gamma or
+    transparency chunk where metadata could hide. Only the chunk framing is read; the
+    pixels must already have decoded. The service stores such an upload as its own
+    thumbnail (:func:`service.pipeline.thumbnail_for`).
+    """
+    if not data.startswith(_SIGNATURE):
+        return False
+    pos, end, first = len(_SIGNATURE), len(data), True
+    while pos + 12 <= end:
+        (length,) = struct.unpack_from(">I", data, pos)
+        tag = data[pos + 4 : pos + 8]
+        if tag not in _PLAIN_CHUNKS or (first != (tag == b"IHDR")) or pos + 12 + length > end:
+            return False
+        if first:
+            if length != 13:
+                return False
+            depth, color, _, _, interlace = struct.unpack_from(">BBBBB", data, pos + 16)
+            if (depth, color, interlace) != (8, 0, 0):
+                return False
+            first = False
+        pos += 12 + length
+        if tag == b"IEND":
+            return pos == end
+    return False

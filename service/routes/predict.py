@@ -29,6 +29,7 @@ from service.pipeline import (
     PredictRequest,
     decode_prepared,
     respond,
+    thumbnail_for,
     thumbnail_png,
 )
 from service.schemas import KEY_ERRORS, PredictResponse, error_responses
@@ -205,14 +206,21 @@ async def _predict(
         if decoded.dicom is not None:
             request.state.study_uid_hash = hash_uid(decoded.dicom.study_uid)
             request.state.instance_uid_hash = hash_uid(decoded.dicom.sop_instance_uid)
-        # The thumbnail for the overlay endpoint is drawn while the model runs.
-        thumb_future = loop.run_in_executor(state.decode_pool, thumbnail_png, decoded.pixels)
+        # The thumbnail for the overlay endpoint: the upload itself when it is a plain small
+        # grayscale PNG, else drawn while the model runs.
+        reused = thumbnail_for(data, decoded)
+        thumb_future = (
+            None
+            if reused is not None
+            else loop.run_in_executor(state.decode_pool, thumbnail_png, decoded.pixels)
+        )
         try:
             result, timing = await state.batcher.submit_timed(
                 PredictRequest(decoded, text, options, settings.threshold, prepared), announced
             )
         except BaseException:
-            thumb_future.cancel()
+            if thumb_future is not None:
+                thumb_future.cancel()
             raise
     payload = respond(
         result,
@@ -224,7 +232,7 @@ async def _predict(
     )
     if not payload["findings"]:
         raise UnprocessableImageError("the model returned no findings")
-    thumb = await thumb_future
+    thumb = reused if thumb_future is None else await thumb_future
     # The payload was built by respond() to PredictResponse's shape (tests check it against
     # the schema); it is encoded once, for the answer and the stored copy, without
     # re-validating a large nested document. The findings, most of it, were encoded by the

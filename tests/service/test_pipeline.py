@@ -97,3 +97,35 @@ def test_prepared_inputs_score_as_the_workers_own_preprocessing(tiny_checkpoint:
     expected = [r.findings_encoded for r in pipeline.run_batch(plain)]
     for batch in (prepared, mixed):
         assert [r.findings_encoded for r in pipeline.run_batch(batch)] == expected
+
+
+def test_a_plain_gray_png_upload_is_its_own_thumbnail() -> None:
+    """thumbnail_for keeps the upload only where it has exactly the pixels thumbnail_png would
+    write and nothing else."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    from service.pipeline import decode, thumbnail_for, thumbnail_png
+
+    def png(image: Image.Image, **save: Any) -> bytes:
+        out = io.BytesIO()
+        image.save(out, format="PNG", **save)
+        return out.getvalue()
+
+    for path in sorted(SAMPLES.glob("*.png")):
+        data = path.read_bytes()
+        decoded = decode(data, "image/png", path.name)
+        assert thumbnail_for(data, decoded) is data
+        drawn = Image.open(io.BytesIO(thumbnail_png(decoded.pixels)))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(drawn))
+
+    gray = Image.open(SAMPLES / "nih_00020751_003.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "Doe^Jane")
+    for data in (
+        png(gray, pnginfo=info),  # metadata
+        png(gray.resize((600, 600))),  # larger than a thumbnail
+        png(gray.convert("RGB")),  # converted on decoding (a note says so)
+    ):
+        assert thumbnail_for(data, decode(data, "image/png", "x.png")) is None

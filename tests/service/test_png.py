@@ -1,14 +1,17 @@
-"""The fast grayscale PNG writer: what Pillow reads back is the image, bit for bit."""
+"""The fast grayscale PNG writer: what Pillow reads back is the image, bit for bit; and the
+check for a plain grayscale PNG (pixels and nothing else)."""
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from service.png import gray_png
+from service.png import gray_png, is_plain_gray_png
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (194, 256), (512, 300)])
@@ -32,3 +35,53 @@ def test_smooth_images_compress() -> None:
 def test_refuses_what_it_cannot_write(bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match="2-D uint8"):
         gray_png(bad)
+
+
+def _pil_png(mode: str, **save: object) -> bytes:
+    size = (40, 30)
+    image = Image.new(mode, size) if mode != "L" else Image.linear_gradient("L").resize(size)
+    out = io.BytesIO()
+    image.save(out, format="PNG", **save)
+    return out.getvalue()
+
+
+def _with_ihdr(data: bytes, **fields: int) -> bytes:
+    """``data`` with IHDR's bit depth, colour type or interlace byte replaced (CRC redone)."""
+    ihdr = bytearray(data[16:29])
+    for name, offset in (("depth", 8), ("color", 9), ("interlace", 12)):
+        if name in fields:
+            ihdr[offset] = fields[name]
+    chunk = b"IHDR" + bytes(ihdr)
+    return data[:12] + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+
+
+def test_plain_gray_pngs_are_recognised() -> None:
+    assert is_plain_gray_png(gray_png(np.zeros((3, 5), np.uint8)))
+    assert is_plain_gray_png(_pil_png("L"))
+    assert is_plain_gray_png(_with_ihdr(_pil_png("L"), interlace=0))  # a CRC redone is fine
+
+
+def _text_png() -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "Doe^Jane 1970-01-01")
+    return _pil_png("L", pnginfo=info)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_text_png(), id="text chunk"),
+        pytest.param(_pil_png("L", dpi=(72, 72)), id="pHYs chunk"),
+        pytest.param(_pil_png("RGB"), id="RGB"),
+        pytest.param(_pil_png("I;16"), id="16-bit"),
+        pytest.param(_pil_png("1"), id="1-bit"),
+        pytest.param(_with_ihdr(_pil_png("L"), interlace=1), id="interlaced"),
+        pytest.param(_pil_png("L") + b"Doe^Jane", id="bytes after IEND"),
+        pytest.param(_pil_png("L")[:-12], id="no IEND"),
+        pytest.param(_pil_png("L")[:-20], id="truncated"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\xff\xd8\xff\xe0" + bytes(64), id="JPEG"),
+    ],
+)
+def test_anything_else_is_not_plain(data: bytes) -> None:
+    assert not is_plain_gray_png(data)
