@@ -28,6 +28,7 @@ from service.apikeys import ApiKeyStore
 from service.audit import AuditLog
 from service.batcher import DynamicBatcher
 from service.db import ServiceDatabase
+from service.direct_route import DirectRouteMiddleware
 from service.error_handlers import install_error_handlers
 from service.heap import freeze_startup_heap, thaw_heap
 from service.instances import InstanceStore
@@ -169,6 +170,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = AppState(settings=settings, metrics=Metrics())
     app.state.kgdx = state
     install_error_handlers(app)
+    # Innermost: predict goes straight to its endpoint (service.direct_route), below CORS
+    # and the request context, which see it as they see every request.
+    app.add_middleware(DirectRouteMiddleware, path="/v1/predict")
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
