@@ -328,7 +328,7 @@ class InferencePipeline:
 
 def thumbnail_for(data: bytes, image: DecodedImage, max_side: int = 512) -> bytes | None:
     """The upload itself as the image's thumbnail, when it is one already: a plain 8-bit
-    grayscale PNG (:func:`service.png.is_plain_gray_png`: pixels and no metadata) decoded as
+    grayscale PNG (:func:`service.png.is_plain_gray_png`: no metadata chunks) decoded as
     it stands (no notes) and no larger than ``max_side``. Its pixels are exactly those
     :func:`thumbnail_png` would write. ``None`` otherwise: draw one with
     :func:`thumbnail_png`."""

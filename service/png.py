@@ -56,8 +56,9 @@ def is_plain_gray_png(data: bytes) -> bool:
     """Whether ``data`` is an 8-bit grayscale PNG (color type 0, not interlaced) made of
     IHDR, IDAT and IEND chunks alone, with nothing after IEND.
 
-    Such a file carries its pixels and nothing else: no text, EXIF, time, gamma or
-    transparency chunk where metadata could hide. Only the chunk framing is read; the
+    Such a file has no text, EXIF, time, gamma or transparency chunk where metadata could
+    sit. Only the chunk framing is read, not the compressed stream (bytes a crafted file
+    hid past the end of its pixel data would go unseen; no viewer shows them). The
     pixels must already have decoded. The service stores such an upload as its own
     thumbnail (:func:`service.pipeline.thumbnail_for`).
     """
