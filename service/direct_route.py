@@ -21,16 +21,21 @@ request context, so both still see every request) and calls the endpoint itself:
   exception middleware looks them up (a status-code handler for an ``HTTPException`` first,
   then the nearest class in the exception's MRO); one with no handler propagates to the
   server-error middleware, which answers 500 as before;
+- the route is called directly only when the router would add nothing around it: no
+  dependencies (its own, its routers' or the app's), no body or form limits, and a
+  ``Response`` returned (see :func:`_target`);
 - ``scope["route"]`` is set as the router would set it, for the metrics, logs and audit.
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -118,10 +123,12 @@ class DirectRouteMiddleware:
                 raise
             if started:
                 raise RuntimeError("an error after the response had started") from exc
-            answer = handler(request, exc)
-            if inspect.isawaitable(answer):
-                answer = await answer
-            await answer(scope, receive, sender)
+            if inspect.iscoroutinefunction(handler):
+                answer = await handler(request, exc)
+            else:  # as Starlette runs a plain function: in the thread pool
+                answer = await run_in_threadpool(handler, request, exc)
+            if answer is not None:
+                await answer(scope, receive, sender)
 
     def _learn(self, scope: Scope) -> None:
         """After the router's first answer: the route it chose, if it can be called directly
@@ -135,19 +142,51 @@ class DirectRouteMiddleware:
 
 
 def _target(route: APIRoute, app: Any) -> _Target | None:
-    """``route`` as a direct target: a plain ``async def endpoint(request: Request)`` with no
-    dependencies, in an app with a handler for ``HTTPException``; else ``None``."""
+    """``route`` as a direct target, or ``None`` when anything the router would add around
+    its endpoint could matter: it must be a plain ``async def endpoint(request: Request) ->
+    Response`` with no dependencies and no body or form limits of its own, in an app with a
+    handler for ``HTTPException``, no app-wide dependencies, and no router included with
+    dependencies or a body limit (FastAPI applies those at handling time, not on the
+    route)."""
     endpoint = route.endpoint
     params = list(inspect.signature(endpoint).parameters.values())
+    try:
+        hints = typing.get_type_hints(endpoint)
+    except Exception:  # an annotation that does not resolve: leave it to the router
+        return None
+    returns = hints.get("return")
     plain = (
         inspect.iscoroutinefunction(endpoint)
         and len(params) == 1
-        and params[0].annotation in (Request, "Request")
+        and hints.get(params[0].name) is Request
+        and isinstance(returns, type)
+        and issubclass(returns, Response)
         and not route.dependencies
+        and getattr(route, "max_body_size", None) is None
+        and not getattr(route, "form_limits", None)
     )
     handlers: Mapping[Any, Handler] = getattr(app, "exception_handlers", {})
-    if not plain or HTTPException not in handlers:
+    if not plain or HTTPException not in handlers or not _bare_includes(app):
         return None
     by_class = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
     by_status = {k: v for k, v in handlers.items() if isinstance(k, int) and k != 500}
     return _Target(route, endpoint, by_class, by_status)
+
+
+def _bare_includes(app: Any) -> bool:
+    """No app-wide dependencies, and no included router (at any depth) that brings
+    dependencies or a body limit."""
+    router = getattr(app, "router", None)
+    if router is None or getattr(router, "dependencies", None):
+        return False
+    pending = list(getattr(router, "routes", ()))
+    while pending:
+        route = pending.pop()
+        context = getattr(route, "include_context", None)
+        if context is None:
+            continue
+        if getattr(context, "dependencies", None) or getattr(context, "max_body_size", None):
+            return False
+        inner = getattr(route, "original_router", None)
+        pending.extend(getattr(inner, "routes", ()))
+    return True

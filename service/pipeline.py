@@ -334,7 +334,7 @@ def thumbnail_for(data: bytes, image: DecodedImage, max_side: int = 512) -> byte
     :func:`thumbnail_png`."""
     if image.kind != "png" or image.notes or max(image.width, image.height) > max_side:
         return None
-    return data if is_plain_gray_png(data) else None
+    return data if is_plain_gray_png(data, image.width, image.height) else None
 
 
 def thumbnail_png(pixels: np.ndarray, max_side: int = 512) -> bytes:
@@ -355,8 +355,10 @@ def decode_prepared(
     content_type: str | None = None,
     filename: str | None = None,
     limits: DecodeLimits | None = None,
-) -> tuple[DecodedImage, tuple[torch.Tensor, Geometry]]:
-    """:func:`decode`, then :meth:`InferencePipeline.prepare`: a request's whole share of the
-    work before its batch, in one job of the service's decode threads."""
+) -> tuple[DecodedImage, tuple[torch.Tensor, Geometry], bytes | None]:
+    """:func:`decode`, :meth:`InferencePipeline.prepare` and :func:`thumbnail_for`: a
+    request's whole share of the work before its batch, in one job of the service's decode
+    threads. The last item is the upload when it can serve as its own thumbnail, else
+    ``None`` (draw one with :func:`thumbnail_png`)."""
     image = decode(data, content_type, filename, limits)
-    return image, pipeline.prepare(image)
+    return image, pipeline.prepare(image), thumbnail_for(data, image)

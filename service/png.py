@@ -50,34 +50,42 @@ def gray_png(image: np.ndarray, level: int = 1) -> bytes:
 
 #: The only chunks a PNG may hold to be stored as it came (see :func:`is_plain_gray_png`).
 _PLAIN_CHUNKS = (b"IHDR", b"IDAT", b"IEND")
+#: Most chunks such a PNG may have (encoders write IDAT in 8-64 kB pieces).
+_MAX_PLAIN_CHUNKS = 256
+#: Bytes a plain PNG may have beyond its raw scanlines (signature, chunk framing, zlib
+#: header and stored-block overhead): a larger file carries more than its pixels.
+_PLAIN_SLACK = 4096
 
 
-def is_plain_gray_png(data: bytes) -> bool:
-    """Whether ``data`` is an 8-bit grayscale PNG (color type 0, not interlaced) made of
-    IHDR, IDAT and IEND chunks alone, with nothing after IEND.
+def is_plain_gray_png(data: bytes, width: int, height: int) -> bool:
+    """Whether ``data`` is a ``width`` x ``height`` 8-bit grayscale PNG (color type 0, not
+    interlaced) made of IHDR, IDAT and IEND chunks alone, every CRC right, nothing after
+    IEND, and no larger than its raw scanlines plus framing.
 
     Such a file has no text, EXIF, time, gamma or transparency chunk where metadata could
-    sit. Only the chunk framing is read, not the compressed stream (bytes a crafted file
-    hid past the end of its pixel data would go unseen; no viewer shows them). The
-    pixels must already have decoded. The service stores such an upload as its own
-    thumbnail (:func:`service.pipeline.thumbnail_for`).
+    sit, and no room for much beside its pixels (the compressed stream itself is not
+    inflated: its pixels must already have decoded). The service stores such an upload as
+    its own thumbnail (:func:`service.pipeline.thumbnail_for`).
     """
-    if not data.startswith(_SIGNATURE):
+    if not data.startswith(_SIGNATURE) or len(data) > height * (width + 1) + _PLAIN_SLACK:
         return False
-    pos, end, first = len(_SIGNATURE), len(data), True
-    while pos + 12 <= end:
+    pos, end = len(_SIGNATURE), len(data)
+    for index in range(_MAX_PLAIN_CHUNKS):
+        if pos + 12 > end:
+            return False
         (length,) = struct.unpack_from(">I", data, pos)
         tag = data[pos + 4 : pos + 8]
-        if tag not in _PLAIN_CHUNKS or (first != (tag == b"IHDR")) or pos + 12 + length > end:
+        stop = pos + 8 + length
+        if tag not in _PLAIN_CHUNKS or (index == 0) != (tag == b"IHDR") or stop + 4 > end:
             return False
-        if first:
-            if length != 13:
+        (crc,) = struct.unpack_from(">I", data, stop)
+        if zlib.crc32(data[pos + 4 : stop]) != crc:
+            return False
+        if index == 0:
+            header = struct.unpack_from(">IIBBBBB", data, pos + 8) if length == 13 else None
+            if header != (width, height, 8, 0, 0, 0, 0):
                 return False
-            depth, color, _, _, interlace = struct.unpack_from(">BBBBB", data, pos + 16)
-            if (depth, color, interlace) != (8, 0, 0):
-                return False
-            first = False
-        pos += 12 + length
+        pos = stop + 4
         if tag == b"IEND":
             return pos == end
     return False

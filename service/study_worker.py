@@ -403,7 +403,7 @@ class StudyWorker:
             t0 = time.perf_counter()
             data = await asyncio.to_thread(path.read_bytes)
             try:
-                image, prepared = await loop.run_in_executor(
+                image, prepared, _ = await loop.run_in_executor(
                     state.decode_pool,
                     decode_prepared,
                     state.pipeline,

@@ -29,7 +29,6 @@ from service.pipeline import (
     PredictRequest,
     decode_prepared,
     respond,
-    thumbnail_for,
     thumbnail_png,
 )
 from service.schemas import KEY_ERRORS, PredictResponse, error_responses
@@ -193,7 +192,7 @@ async def _predict(
     )
     loop = asyncio.get_running_loop()
     with state.batcher.expecting() as announced:  # a filling batch may wait for this one
-        decoded, prepared = await loop.run_in_executor(
+        decoded, prepared, reused = await loop.run_in_executor(
             state.decode_pool,
             decode_prepared,
             state.pipeline,
@@ -208,7 +207,6 @@ async def _predict(
             request.state.instance_uid_hash = hash_uid(decoded.dicom.sop_instance_uid)
         # The thumbnail for the overlay endpoint: the upload itself when it is a plain small
         # grayscale PNG, else drawn while the model runs.
-        reused = thumbnail_for(data, decoded)
         thumb_future = (
             None
             if reused is not None

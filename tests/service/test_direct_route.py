@@ -158,3 +158,44 @@ def test_a_mounted_app_goes_through_the_router(handled: list[str]) -> None:
     for _ in range(2):
         assert client.post("/plain").json() == {"route": "/plain"}
     assert handled == ["/plain", "/plain"]
+
+
+def _refuse() -> None:
+    raise HTTPException(403, "refused by a dependency")
+
+
+@pytest.mark.parametrize("where", ["include", "app"])
+def test_dependencies_from_outside_the_route_keep_the_router(where: str) -> None:
+    """FastAPI applies an included router's or the app's dependencies while it handles the
+    request, not on the route: such an app never gets the direct call."""
+    from fastapi import APIRouter, Depends
+
+    router = APIRouter()
+
+    @router.post("/guarded")
+    async def guarded(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app = FastAPI(dependencies=[Depends(_refuse)] if where == "app" else None)
+    app.include_router(router, dependencies=[Depends(_refuse)] if where == "include" else None)
+    app.add_middleware(DirectRouteMiddleware, path="/guarded")
+    client = TestClient(app)
+    assert [client.post("/guarded").status_code for _ in range(3)] == [403, 403, 403]
+
+
+def test_a_plain_function_handler_runs_as_starlette_runs_it() -> None:
+    app = FastAPI()
+
+    @app.post("/plain")
+    async def plain(request: Request) -> JSONResponse:
+        raise ValueError("no")
+
+    def value_error(_: Request, exc: Exception) -> JSONResponse:  # not a coroutine
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    app.add_exception_handler(ValueError, value_error)
+    app.add_exception_handler(HTTPException, lambda *_: JSONResponse({}, status_code=500))
+    app.add_middleware(DirectRouteMiddleware, path="/plain")
+    client = TestClient(app)
+    answers = [client.post("/plain") for _ in range(2)]  # the router, then direct
+    assert [(a.status_code, a.json()) for a in answers] == [(400, {"error": "no"})] * 2

@@ -90,7 +90,7 @@ def test_prepared_inputs_score_as_the_workers_own_preprocessing(tiny_checkpoint:
     plain = [PredictRequest(decode(p.read_bytes(), "image/png", p.name)) for p in files]
     prepared = []
     for p in files:
-        image, ready = decode_prepared(pipeline, p.read_bytes(), "image/png", p.name)
+        image, ready, _ = decode_prepared(pipeline, p.read_bytes(), "image/png", p.name)
         prepared.append(PredictRequest(image, prepared=ready))
     assert all(r.prepared is not None and r.prepared[0].shape[0] == 1 for r in prepared)
     mixed = [prepared[0], *plain[1:-1], prepared[-1]]
@@ -103,6 +103,8 @@ def test_a_plain_gray_png_upload_is_its_own_thumbnail() -> None:
     """thumbnail_for keeps the upload only where it has exactly the pixels thumbnail_png would
     write and nothing else."""
     import io
+    import struct
+    import zlib
 
     from PIL import Image, PngImagePlugin
 
@@ -123,9 +125,20 @@ def test_a_plain_gray_png_upload_is_its_own_thumbnail() -> None:
     gray = Image.open(SAMPLES / "nih_00020751_003.png")
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", "Doe^Jane")
+    plain = png(gray)
+    idat = b"\0" * 1_000_000  # an extra IDAT a decoder never reads: bytes beside the pixels
+    padded = (
+        plain[:-12]
+        + struct.pack(">I", len(idat))
+        + b"IDAT"
+        + idat
+        + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+        + plain[-12:]
+    )
     for data in (
         png(gray, pnginfo=info),  # metadata
         png(gray.resize((600, 600))),  # larger than a thumbnail
         png(gray.convert("RGB")),  # converted on decoding (a note says so)
+        padded,
     ):
         assert thumbnail_for(data, decode(data, "image/png", "x.png")) is None

@@ -37,12 +37,18 @@ def test_refuses_what_it_cannot_write(bad: np.ndarray) -> None:
         gray_png(bad)
 
 
+SIZE = (40, 30)  # width, height of the PNGs below
+
+
 def _pil_png(mode: str, **save: object) -> bytes:
-    size = (40, 30)
-    image = Image.new(mode, size) if mode != "L" else Image.linear_gradient("L").resize(size)
+    image = Image.new(mode, SIZE) if mode != "L" else Image.linear_gradient("L").resize(SIZE)
     out = io.BytesIO()
     image.save(out, format="PNG", **save)
     return out.getvalue()
+
+
+def _chunk(tag: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
 
 def _with_ihdr(data: bytes, **fields: int) -> bytes:
@@ -51,20 +57,34 @@ def _with_ihdr(data: bytes, **fields: int) -> bytes:
     for name, offset in (("depth", 8), ("color", 9), ("interlace", 12)):
         if name in fields:
             ihdr[offset] = fields[name]
-    chunk = b"IHDR" + bytes(ihdr)
-    return data[:12] + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+    return data[:8] + _chunk(b"IHDR", bytes(ihdr)) + data[33:]
+
+
+def _before_iend(data: bytes, *chunks: bytes) -> bytes:
+    return data[:-12] + b"".join(chunks) + data[-12:]
+
+
+def _plain(data: bytes) -> bool:
+    return is_plain_gray_png(data, *SIZE)
 
 
 def test_plain_gray_pngs_are_recognised() -> None:
-    assert is_plain_gray_png(gray_png(np.zeros((3, 5), np.uint8)))
-    assert is_plain_gray_png(_pil_png("L"))
-    assert is_plain_gray_png(_with_ihdr(_pil_png("L"), interlace=0))  # a CRC redone is fine
+    assert is_plain_gray_png(gray_png(np.zeros((3, 5), np.uint8)), 5, 3)
+    assert _plain(_pil_png("L"))
+    assert _plain(_with_ihdr(_pil_png("L"), interlace=0))  # a CRC redone is fine
+    assert _plain(_before_iend(_pil_png("L"), *[_chunk(b"IDAT", b"")] * 10))
 
 
 def _text_png() -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", "Doe^Jane 1970-01-01")
     return _pil_png("L", pnginfo=info)
+
+
+def _bad_crc() -> bytes:
+    data = bytearray(_pil_png("L"))
+    data[-5] ^= 0xFF  # the IEND CRC's last byte
+    return bytes(data)
 
 
 @pytest.mark.parametrize(
@@ -79,9 +99,20 @@ def _text_png() -> bytes:
         pytest.param(_pil_png("L") + b"Doe^Jane", id="bytes after IEND"),
         pytest.param(_pil_png("L")[:-12], id="no IEND"),
         pytest.param(_pil_png("L")[:-20], id="truncated"),
+        pytest.param(_bad_crc(), id="bad CRC"),
+        pytest.param(
+            _before_iend(_pil_png("L"), _chunk(b"IDAT", bytes(8000))), id="more than pixels"
+        ),
+        pytest.param(
+            _before_iend(_pil_png("L"), *[_chunk(b"IDAT", b"")] * 300), id="too many chunks"
+        ),
         pytest.param(b"", id="empty"),
         pytest.param(b"\xff\xd8\xff\xe0" + bytes(64), id="JPEG"),
     ],
 )
 def test_anything_else_is_not_plain(data: bytes) -> None:
-    assert not is_plain_gray_png(data)
+    assert not _plain(data)
+
+
+def test_the_size_must_be_the_decoded_one() -> None:
+    assert not is_plain_gray_png(_pil_png("L"), SIZE[1], SIZE[0])
