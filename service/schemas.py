@@ -91,11 +91,22 @@ class OntologyInfo(BaseModel):
 
 
 class Timings(BaseModel):
-    decode_ms: float
-    queue_ms: float
-    inference_ms: float
-    explain_ms: float
-    total_ms: float
+    """Where a request's time went, in milliseconds."""
+
+    decode_ms: float = Field(
+        description="Decoding the upload and preparing the model input (letterbox, "
+        "normalisation), on a decode thread"
+    )
+    queue_ms: float = Field(description="Waiting for a batch, from submission to its start")
+    inference_ms: float = Field(
+        description="The whole batch's model step: its inputs stacked (or preprocessed, when "
+        "not prepared on a decode thread) and the forward pass"
+    )
+    explain_ms: float = Field(
+        description="This image's share of heat maps and evidence, plus its ontology paths "
+        "and findings"
+    )
+    total_ms: float = Field(description="The sum of the four")
 
 
 class ImageInfo(BaseModel):
