@@ -17,10 +17,10 @@ request context, so both still see every request) and calls the endpoint itself:
   ``async def endpoint(request: Request)`` with no dependencies; otherwise every request
   keeps going through the router;
 - the route stays registered, so the OpenAPI document is unchanged;
-- an exception is answered by the app's own exception handlers, looked up as Starlette's
-  exception middleware looks them up (a status-code handler for an ``HTTPException`` first,
-  then the nearest class in the exception's MRO); one with no handler propagates to the
-  server-error middleware, which answers 500 as before;
+- an exception is answered by the app's own exception handlers through Starlette's own
+  ``wrap_app_handling_exceptions`` (what its ``request_response`` and FastAPI's wrap every
+  endpoint in), given them as Starlette's exception middleware holds them; one with no
+  handler propagates to the server-error middleware, which answers 500 as before;
 - the route is called directly only when the router would add nothing around it: no
   dependencies (its own, its routers' or the app's), no body or form limits, and a
   ``Response`` returned (see :func:`_target`);
@@ -32,41 +32,28 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
+from starlette._exception_handler import wrap_app_handling_exceptions
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 Handler = Callable[[Request, Exception], Any]
 
 
+@dataclass(frozen=True)
 class _Target:
-    """What a direct call needs: the route, its endpoint and the app's handlers."""
+    """What a direct call needs: the route, its endpoint and the app's exception handlers
+    as Starlette's exception middleware holds them (by class, by status code)."""
 
-    def __init__(
-        self,
-        route: APIRoute,
-        endpoint: Endpoint,
-        by_class: Mapping[type, Handler],
-        by_status: Mapping[int, Handler],
-    ):
-        self.route = route
-        self.endpoint = endpoint
-        self.by_class = by_class
-        self.by_status = by_status
-
-    def handler_for(self, exc: Exception) -> Handler | None:
-        if isinstance(exc, HTTPException) and exc.status_code in self.by_status:
-            return self.by_status[exc.status_code]
-        for cls in type(exc).__mro__:
-            if cls in self.by_class:
-                return self.by_class[cls]
-        return None
+    route: APIRoute
+    endpoint: Endpoint
+    handlers: tuple[dict[Any, Handler], dict[int, Handler]]
 
 
 class DirectRouteMiddleware:
@@ -105,30 +92,15 @@ class DirectRouteMiddleware:
         scope["route"] = target.route
         scope["endpoint"] = target.endpoint
         scope["path_params"] = {}
+        scope["starlette.exception_handlers"] = target.handlers
         request = Request(scope, receive, send)
-        started = False
 
-        async def sender(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
+        async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
             response = await target.endpoint(request)
-            await response(scope, receive, sender)
-        except Exception as exc:
-            handler = target.handler_for(exc)
-            if handler is None:
-                raise
-            if started:
-                raise RuntimeError("an error after the response had started") from exc
-            if inspect.iscoroutinefunction(handler):
-                answer = await handler(request, exc)
-            else:  # as Starlette runs a plain function: in the thread pool
-                answer = await run_in_threadpool(handler, request, exc)
-            if answer is not None:
-                await answer(scope, receive, sender)
+            await response(scope, receive, send)
+
+        # What Starlette's request_response does around an endpoint, FastAPI's too.
+        await wrap_app_handling_exceptions(endpoint, request)(scope, receive, send)
 
     def _learn(self, scope: Scope) -> None:
         """After the router's first answer: the route it chose, if it can be called directly
@@ -170,7 +142,7 @@ def _target(route: APIRoute, app: Any) -> _Target | None:
         return None
     by_class = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
     by_status = {k: v for k, v in handlers.items() if isinstance(k, int) and k != 500}
-    return _Target(route, endpoint, by_class, by_status)
+    return _Target(route, endpoint, (by_class, by_status))
 
 
 def _bare_includes(app: Any) -> bool:

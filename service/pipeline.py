@@ -281,11 +281,7 @@ class InferencePipeline:
         missing = [r.image for r in requests if r.prepared is None]
         if len(missing) == len(requests):
             return preprocess(self.predictor, missing)
-        made: list[tuple[torch.Tensor, Geometry]] = []
-        if missing:
-            batch, geometries = preprocess(self.predictor, missing)
-            made = list(zip(batch, geometries, strict=True))
-        fresh = iter(made)
+        fresh = zip(*preprocess(self.predictor, missing), strict=True) if missing else iter(())
         pairs = [r.prepared if r.prepared is not None else next(fresh) for r in requests]
         return torch.stack([x for x, _ in pairs]), [g for _, g in pairs]
 

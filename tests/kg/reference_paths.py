@@ -12,7 +12,7 @@ import heapq
 from collections.abc import Mapping
 from typing import Any
 
-from kg.paths import RELEVANCE_DISCOUNT, PathFinder
+from kg.paths import PathFinder
 
 _Half = tuple[float, tuple[int, ...], tuple[tuple[int, int], ...]]
 
@@ -63,14 +63,9 @@ class ReferencePathFinder(PathFinder):
         return [(-neg, nodes, edges) for neg, _, nodes, edges in ranked]
 
     def _discounts(self, relevance: Mapping[str, float] | None) -> Any:
-        if not relevance:
-            return {}
-        out: dict[int, float] = {}
-        for cid, r in relevance.items():
-            i = self.graph.index.get(cid)
-            if i is not None:
-                out[i] = 1.0 - RELEVANCE_DISCOUNT * min(max(float(r), 0.0), 1.0)
-        return out
+        """The finder's factors as the walk reads them: node -> factor, where not 1."""
+        factors = super()._discounts(relevance)[:-1]  # the last is the padding index
+        return {i: float(f) for i, f in enumerate(factors) if f != 1.0}
 
     def _walk_halves(
         self,
