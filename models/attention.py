@@ -28,18 +28,25 @@ class MultiHeadAttention(nn.Module):
         dim: model width ``D``.
         heads: number of heads (default 8); ``dim`` must divide by it.
         dropout: dropout on the attention weights (default 0.0).
+        top_k: keep only each query's ``top_k`` highest-scoring keys per head (the rest get
+            zero weight, as if masked); ``None`` (default) keeps all.
 
     Shapes:
         query: (B, T, D) or (T, D); key_value: (B, S, D) or (S, D), shared by the batch when
-        2-D; key_padding_mask: (B, S) or (S,) bool, ``True`` = ignore that key.
+        2-D; key_padding_mask: (B, S) or (S,) bool, ``True`` = ignore that key; key_bias:
+        (B, S) or (S,) float added to every head's scores for that key (0 leaves it as it
+        is; its gradient measures what each key adds, see :mod:`models.attribution`).
         Returns out (B, T, D) (or (T, D) when both inputs are 2-D) and weights
         (B, T, S) averaged over heads (``(1, T, S)`` when both are 2-D).
     """
 
-    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.0, top_k: int | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        self.top_k = top_k
         self.dim = dim
         self.heads = heads
         self.head_dim = dim // heads
@@ -66,6 +73,7 @@ class MultiHeadAttention(nn.Module):
         query: torch.Tensor,
         key_value: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attend from ``query`` to ``key_value``; see the class docstring for shapes."""
         unbatched = query.dim() == 2 and key_value.dim() == 2
@@ -73,11 +81,21 @@ class MultiHeadAttention(nn.Module):
         k = self._split(self.k(key_value))  # (Bk, h, S, d)
         v = self._split(self.v(key_value))  # (Bk, h, S, d)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, h, T, S)
+        if key_bias is not None:
+            bias = key_bias.to(scores.dtype)
+            scores = scores + (
+                bias.view(1, 1, 1, -1) if bias.dim() == 1 else bias[:, None, None, :]
+            )
         mask = None
         if key_padding_mask is not None:
             mask = key_padding_mask.bool()
             mask = mask.view(1, 1, 1, -1) if mask.dim() == 1 else mask[:, None, None, :]
             scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, dim=-1).values[..., -1:]  # (B, h, T, 1)
+            low = scores < kth  # ties with the k-th score stay
+            scores = scores.masked_fill(low, torch.finfo(scores.dtype).min)
+            mask = low if mask is None else mask | low
         attn = scores.softmax(-1)  # (B, h, T, S)
         if mask is not None:
             # finfo.min instead of -inf keeps all-masked rows finite; zero them here.

@@ -126,6 +126,14 @@ def evaluate(
     faithfulness: Annotated[
         bool, typer.Option("--faithfulness", help="Run the evidence deletion test.")
     ] = False,
+    evidence: Annotated[
+        str,
+        typer.Option(
+            "--evidence",
+            help="Rank evidence by 'attribution' (default: each concept's first-order effect "
+            "on the finding) or 'attention' (the fusion attention).",
+        ),
+    ] = "attribution",
     split: Annotated[
         str | None, typer.Option("--split", help="Only rows whose split column is NAME.")
     ] = None,
@@ -146,6 +154,7 @@ def evaluate(
         checkpoint=checkpoint,
         boxes=boxes,
         faithfulness=faithfulness,
+        evidence=evidence,
         split=split,
         limit=limit,
         quiet=quiet,

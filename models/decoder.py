@@ -39,6 +39,14 @@ class DecoderConfig:
             cross-attention).
         pool_sharpness: ``r`` of the log-sum-exp pooling ``(1/r) log mean exp(r s)``: near
             0 it averages the patches, large it takes their maximum (default 5).
+        global_logit: with ``patch_pooling``, also add the shared head's score of the
+            decoded query to the logit (default ``True``). ``False`` scores a finding from its
+            patches alone, as a class activation map does, so the heat map shows all of what
+            the logit rests on, and the evidence ranking follows the pooling weights.
+        patch_query: with ``patch_pooling``, what is matched against each patch:
+            ``"decoder"`` (default) the finding's decoded query, which has read the whole
+            image (and the clinical text); ``"entity"`` the finding's own entity embedding,
+            the same for every image, as a CAM's class weights are.
     """
 
     layers: int = 2  # decoder blocks
@@ -49,6 +57,8 @@ class DecoderConfig:
     target_bias: bool = True  # learned per-target query offset and logit bias
     patch_pooling: bool = False  # per-patch finding scores, LSE-pooled; heat map = their weights
     pool_sharpness: float = 5.0  # r of the log-sum-exp pooling
+    global_logit: bool = True  # with patch_pooling: add the decoded query's head score
+    patch_query: str = "decoder"  # with patch_pooling: "decoder" | "entity"
 
     def __post_init__(self) -> None:
         if self.layers < 1:
@@ -64,6 +74,15 @@ class DecoderConfig:
             raise ConfigError(
                 f"decoder.pool_sharpness must be a finite number > 0, got {self.pool_sharpness}"
             )
+        if self.patch_query not in ("decoder", "entity"):
+            raise ConfigError(
+                f"decoder.patch_query must be 'decoder' or 'entity', got {self.patch_query!r}"
+            )
+        if not self.patch_pooling and (not self.global_logit or self.patch_query != "decoder"):
+            raise ConfigError(
+                "decoder.global_logit = false and decoder.patch_query = 'entity' need "
+                "decoder.patch_pooling = true"
+            )
 
 
 @dataclass
@@ -78,7 +97,8 @@ class DecoderOutput:
             renormalised to sum to 1 per query; with ``patch_pooling``, the pooling's
             softmax weights over the patches instead.
         entity_relevance: (B, K, N) ``token_attention @ fusion_attention`` when the fusion
-            attention was given, else ``None``.
+            attention was given (without ``global_logit``: ``patch_attention`` composed with
+            the image tokens' fusion attention), else ``None``.
     """
 
     logits: torch.Tensor
@@ -187,19 +207,26 @@ class FindingDecoder(nn.Module):
         if h.dim() == 2:  # pragma: no cover - blocks always return batched queries
             h = h.unsqueeze(0)
         h = h.expand(tokens.shape[0], -1, -1)  # (B, K, D)
-        logits = self.head(self.norm(h)).squeeze(-1)  # (B, K)
+        attn = attn.expand(tokens.shape[0], -1, -1)  # (B, K, S)
+        cfg = self.config
+        logits = torch.zeros(h.shape[:2], dtype=h.dtype, device=h.device)  # (B, K)
+        if cfg.global_logit:
+            logits = self.head(self.norm(h)).squeeze(-1)
         if logit_bias is not None:
             logits = logits + logit_bias
-        attn = attn.expand(tokens.shape[0], -1, -1)  # (B, K, S)
         if self.patch_query is not None:
-            pooled, patch = self._pool_patches(h, tokens[:, :num_image_tokens])
+            q = h if cfg.patch_query == "decoder" else queries.expand_as(h)
+            pooled, patch = self._pool_patches(q, tokens[:, :num_image_tokens])
             logits = logits + pooled
         else:
             patch = attn[..., :num_image_tokens]  # (B, K, P)
             patch = patch / patch.sum(-1, keepdim=True).clamp_min(1e-12)
         relevance = None
         if fusion_attention is not None:
-            relevance = attn @ fusion_attention  # (B, K, S) @ (B, S, N) -> (B, K, N)
+            if cfg.global_logit:
+                relevance = attn @ fusion_attention  # (B, K, S) @ (B, S, N) -> (B, K, N)
+            else:  # the logit rests on the patches alone: weigh their knowledge by the pooling
+                relevance = patch @ fusion_attention[:, :num_image_tokens]
         return DecoderOutput(logits, attn, patch, relevance)
 
     def _pool_patches(

@@ -44,7 +44,7 @@ from models.faithfulness import (
     deletion_test,
     summarise_deletion,
 )
-from models.inference import Predictor, zero_shot_scores
+from models.inference import EVIDENCE_METHODS, Predictor, zero_shot_scores
 from models.jsonfile import clean_json, write_json
 from models.localisation import (
     NIH_ORIGINAL_SIZE,
@@ -116,6 +116,7 @@ def run_evaluation(
     batch_size: int = BATCH_SIZE,
     n_boot: int = 1000,
     deletion: DeletionConfig | None = None,
+    evidence: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a labelled image set; write ``report.json`` and ``roc.png``.
 
@@ -135,6 +136,9 @@ def run_evaluation(
         batch_size: images per forward pass (default 32).
         n_boot: bootstrap resamples for the CIs (default 1000).
         deletion: settings of the deletion test (default :class:`DeletionConfig`).
+        evidence: how evidence is ranked, ``"attribution"`` or ``"attention"``
+            (:attr:`Predictor.evidence`; default: the predictor's, ``"attribution"``); the
+            deletion test measures that ranking.
 
     Returns:
         the report (as written to ``report.json``).
@@ -149,10 +153,16 @@ def run_evaluation(
     _check_inputs(data, images, out, boxes, limit)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if evidence is not None and evidence not in EVIDENCE_METHODS:
+        raise DataError(
+            f"--evidence must be one of {', '.join(EVIDENCE_METHODS)}, got {evidence!r}"
+        )
     columns = _csv_columns(data)
     annotations = read_bbox_csv(boxes) if boxes is not None else None
     if predictor is None:
         predictor = Predictor.load(checkpoint)
+    if evidence is not None:
+        predictor.evidence = evidence
     notes: list[str] = []
 
     # -- data -----------------------------------------------------------------------------
@@ -298,7 +308,10 @@ def run_evaluation(
     report["notes"] = list(classification.get("notes", [])) + notes
     report["roc"] = ROC_FILE
     if faithfulness:
-        report["faithfulness"] = summarise_deletion(records, predictor.names, config)
+        report["faithfulness"] = {
+            "evidence": predictor.evidence if predictor.model.gnn is not None else "attention",
+            **summarise_deletion(records, predictor.names, config),
+        }
         if not records:
             report["notes"].append("faithfulness: no known positive label to test")
     if zero_shot:
@@ -368,7 +381,8 @@ def format_summary(report: dict[str, Any], out: Path) -> str:
         lines.append(
             f"faithfulness: evidence drop {_fmt(o['evidence_drop'], 4)} vs random "
             f"{_fmt(o['random_drop'], 4)}, ratio {_fmt(o['ratio'], 2)} "
-            f"[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}] over {o['n_pairs']} positive findings"
+            f"[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}] over {o['n_pairs']} positive findings "
+            f"(evidence ranked by {faith.get('evidence', 'attention')})"
         )
     for name, r in (report.get("zero_shot") or {}).items():
         lines.append(

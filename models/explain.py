@@ -9,13 +9,18 @@ Built from one :class:`~models.outputs.KgdxOutput` without running the model aga
   :class:`~models.transforms.Geometry` it maps back to the original pixels:
   :attr:`Heatmap.extent` says where the grid lies on the original image, and
   :meth:`Heatmap.on_original` samples it at every original pixel;
-- **evidence**: the ``top_k`` concepts of the graph ranked by *relevance*, the finding ->
-  token attention composed with the token -> entity attention of the knowledge fusion (a
-  share: a finding's relevances sum to 1 over all entities). The finding's own concept is
-  kept when it ranks (it often does: tokens attend to the concept they resemble) but flagged
-  ``is_self``, so a caller can drop it; other trained targets are flagged ``is_target``.
-  The faithfulness test (:mod:`models.faithfulness`) masks the evidence *without* the own
-  concept, since the finding's query is its own concept and cannot be masked.
+- **evidence**: the ``top_k`` concepts of the graph ranked by what the finding's score rests
+  on. When the output carries the attribution (:mod:`models.attribution`, what
+  :class:`~models.inference.Predictor` computes by default) concepts rank by the logit the
+  finding would lose, to first order, without them, and *relevance* is each concept's share
+  of the positive attribution; otherwise by *relevance* as the attention gives it, the
+  finding -> token attention composed with the token -> entity attention of the knowledge
+  fusion. Either way a share: a finding's relevances sum to 1 (or 0) over all entities. The
+  finding's own concept is kept when it ranks (it often does: tokens attend to the concept
+  they resemble) but flagged ``is_self``, so a caller can drop it; other trained targets are
+  flagged ``is_target``. The faithfulness test (:mod:`models.faithfulness`) masks the
+  evidence *without* the own concept, since the finding's query is its own concept and
+  cannot be masked.
 
 Path search is not done here: the service hands the evidence, as a ``{concept_id:
 relevance}`` mapping (:meth:`FindingExplanation.relevance_map`), to :class:`kg.paths.
@@ -348,7 +353,9 @@ def explain_output(
     peak_idx = flat.argmax(-1)  # (B, K): first maximum in row-major order
     max_att = flat.max(-1).values
     rel = output.entity_relevance.detach().float().cpu()  # (B, K, N)
-    idx, vals = rank_evidence(rel, min(top_k, n))
+    scores = output.evidence_scores().detach().float().cpu()  # the attribution when computed
+    idx, _ = rank_evidence(scores, min(top_k, n))
+    vals = rel.gather(-1, idx)
     rows, grid_cols = output.grid
 
     out: list[ImageExplanation] = []

@@ -1,13 +1,14 @@
 """Faithfulness of the evidence: the deletion test.
 
 For a positive finding on an image (label 1, or predicted positive when there are no
-labels), its top-``k`` evidence concepts (ranked by ``entity_relevance``, see
-:mod:`models.explain`) are hidden from the knowledge fusion through the model's
-``entity_mask`` (masked entities are removed from the fusion's attention keys), and the drop
-of the finding's probability is measured. The same is done for ``k`` concepts drawn at
-random, ``random_draws`` times. The finding's own concept is excluded from both: it is the
-decoder's query and is never what the evidence claims to add. If the evidence is what the
-model used, its drop is much larger than a random one:
+labels), its top-``k`` evidence concepts (ranked as explanations rank them: by the
+attribution of :mod:`models.attribution` when the output carries it, else by
+``entity_relevance``; see :mod:`models.explain`) are hidden from the knowledge fusion
+through the model's ``entity_mask`` (masked entities are removed from the fusion's attention
+keys), and the drop of the finding's probability is measured. The same is done for ``k``
+concepts drawn at random, ``random_draws`` times. The finding's own concept is excluded from
+both: it is the decoder's query and is never what the evidence claims to add. If the
+evidence is what the model used, its drop is much larger than a random one:
 
 ``ratio = mean evidence drop / max(mean random drop, min_drop)``
 
@@ -186,7 +187,8 @@ def deletion_test(
         model: the model (eval mode; entities cached or not).
         batch: the ``(B, 1, S, S)`` preprocessed images ``output`` was computed from.
         output: the model's output on ``batch`` (all targets, in order); its
-            ``entity_relevance`` ranks the evidence.
+            :meth:`~models.outputs.KgdxOutput.evidence_scores` rank the evidence, as
+            explanations rank it.
         pairs: ``(image position in batch, finding column)`` to test.
         config: :class:`DeletionConfig`.
         image_keys: per batch position, the key that seeds the random draws (default: the
@@ -213,7 +215,7 @@ def deletion_test(
         raise ValueError("the deletion test needs at least two entities")
     own = model.concept_indices(output.concept_ids)  # (K,) entity index of each finding
     kk = min(config.k, n - 1)
-    rel = output.entity_relevance.detach().float().cpu()  # (B, K, N)
+    rel = output.evidence_scores().detach().float().cpu()  # (B, K, N), as explanations rank
 
     # one row per masked forward: (pair number, image position, finding, entities masked)
     rows: list[tuple[int, int, int, list[int]]] = []

@@ -25,16 +25,22 @@ class FusionConfig:
         heads: attention heads (default 8; the model width must divide by it).
         ffn_mult: feed-forward width multiplier (default 4).
         dropout: dropout on attention weights and block outputs (default 0.1).
+        top_k: each token attends to at most its ``top_k`` best-matching entities per head
+            (sparse fusion: a finding then rests on a few concepts, not a haze over the
+            whole graph); ``0`` (default) attends to all.
     """
 
     layers: int = 1  # cross-attention blocks
     heads: int = 8  # attention heads
     ffn_mult: int = 4  # feed-forward hidden width = ffn_mult * D
     dropout: float = 0.1  # attention and residual dropout
+    top_k: int = 0  # entities each token attends to per head; 0 = all
 
     def __post_init__(self) -> None:
         if self.layers < 1:
             raise ConfigError(f"fusion.layers must be >= 1, got {self.layers}")
+        if self.top_k < 0:
+            raise ConfigError(f"fusion.top_k must be >= 0 (0 = all entities), got {self.top_k}")
         if self.heads < 1 or self.ffn_mult < 1:
             raise ConfigError(
                 f"fusion.heads and fusion.ffn_mult must be >= 1, got {self.heads}, {self.ffn_mult}"
@@ -56,14 +62,15 @@ class FusionBlock(nn.Module):
 
     Shapes:
         tokens: (B, S, D), entities: (N, D) or (B, N, D), entity_mask: (N,) or (B, N) bool
-        (``True`` = masked) -> tokens (B, S, D), weights (B, S, N).
+        (``True`` = masked), entity_bias: (N,) or (B, N) float added to the attention scores
+        -> tokens (B, S, D), weights (B, S, N).
     """
 
     def __init__(self, dim: int, config: FusionConfig):
         super().__init__()
         self.norm_q = nn.LayerNorm(dim)
         self.norm_e = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, config.heads, config.dropout)
+        self.attn = MultiHeadAttention(dim, config.heads, config.dropout, config.top_k or None)
         self.norm_ff = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, config.ffn_mult, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
@@ -73,8 +80,9 @@ class FusionBlock(nn.Module):
         tokens: torch.Tensor,
         entities: torch.Tensor,
         entity_mask: torch.Tensor | None = None,
+        entity_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        a, w = self.attn(self.norm_q(tokens), self.norm_e(entities), entity_mask)
+        a, w = self.attn(self.norm_q(tokens), self.norm_e(entities), entity_mask, entity_bias)
         tokens = tokens + self.dropout(a)  # (B, S, D)
         tokens = tokens + self.dropout(self.ffn(self.norm_ff(tokens)))  # (B, S, D)
         return tokens, w
@@ -94,7 +102,9 @@ class KnowledgeFusion(nn.Module):
     Shapes:
         tokens: (B, S, D) with ``S = P + L``; entities: (N, D) shared by the batch (or
         (B, N, D)); entity_mask: (N,) or (B, N) bool, ``True`` = entity hidden from the
-        tokens (used to measure faithfulness). Returns fused tokens (B, S, D) and attention
+        tokens (used to measure faithfulness); entity_bias: (N,) or (B, N) float added to
+        every block's attention scores for each entity (its gradient attributes a finding to
+        the entities, see :mod:`models.attribution`). Returns fused tokens (B, S, D) and attention
         (B, S, N), each row summing to 1 over the unmasked entities.
     """
 
@@ -113,6 +123,7 @@ class KnowledgeFusion(nn.Module):
         tokens: torch.Tensor,
         entities: torch.Tensor,
         entity_mask: torch.Tensor | None = None,
+        entity_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.dim() != 3 or tokens.shape[-1] != entities.shape[-1]:
             raise ValueError(
@@ -121,7 +132,7 @@ class KnowledgeFusion(nn.Module):
             )
         total: torch.Tensor | None = None
         for block in self.blocks:
-            tokens, w = block(tokens, entities, entity_mask)  # (B, S, D), (B, S, N)
+            tokens, w = block(tokens, entities, entity_mask, entity_bias)  # (B,S,D), (B,S,N)
             total = w if total is None else total + w
         assert total is not None
         return self.norm(tokens), total / len(self.blocks)

@@ -36,6 +36,7 @@ from kg.errors import KgError
 from kg.ontology import Ontology
 from kg.store import GraphStore
 from kg.tensors import GraphArrays, to_arrays
+from models.attribution import attributed_forward
 from models.checkpoint import WEIGHTS_FILE, load_checkpoint, read_checkpoint_info
 from models.config import KgdxModelConfig
 from models.default_checkpoint import resolve_checkpoint_dir
@@ -49,6 +50,8 @@ from models.transforms import Geometry, Preprocess, PreprocessConfig
 log = logging.getLogger(__name__)
 
 _DEVICES = ("auto", "cpu", "cuda")
+#: How a :class:`Predictor` ranks evidence concepts (its ``evidence`` attribute).
+EVIDENCE_METHODS = ("attribution", "attention")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +109,7 @@ def output_to_cpu(output: KgdxOutput) -> KgdxOutput:
         entity_ids=output.entity_ids,
         fusion_attention=cpu(output.fusion_attention),
         token_attention=cpu(output.token_attention),
+        entity_attribution=cpu(output.entity_attribution),
     )
 
 
@@ -306,6 +310,11 @@ class Predictor:
         thresholds: decision thresholds by label name saved with the checkpoint, or None.
         excluded: findings held out of training (label -> concept id), for zero-shot.
         info: the checkpoint's ``checkpoint.json``.
+        evidence: how :meth:`predict` ranks each finding's evidence concepts:
+            ``"attribution"`` (default; :mod:`models.attribution`, the first-order effect of
+            removing each concept, one batched backward pass through fusion and decoder) or
+            ``"attention"`` (the fusion attention, no backward pass, but no better than
+            random concepts at the deletion test). ``--no-kg`` models always use attention.
     """
 
     def __init__(
@@ -343,6 +352,7 @@ class Predictor:
         self.model_version = model_version
         self._text_encoder: Any = None
         self._text_lock = threading.Lock()
+        self.evidence: str = "attribution"
         self.model.cache_entities()
 
     # -- construction -----------------------------------------------------------------------
@@ -519,11 +529,17 @@ class Predictor:
             batch: ``(B, 1, S, S)`` from :meth:`preprocess`.
             texts: optional clinical text per image (None entries: no text).
             entity_mask: optional ``(N,)`` or ``(B, N)`` bool, ``True`` hides an entity
-                from the fusion.
+                from the fusion (the output then ranks evidence by attention).
         """
         self._check_batch(batch)
         if texts is not None and len(texts) != batch.shape[0]:
             raise DataError(f"texts has {len(texts)} entries for {batch.shape[0]} images")
+        if self.evidence not in EVIDENCE_METHODS:
+            raise ModelError(
+                f"evidence must be one of {list(EVIDENCE_METHODS)}, got {self.evidence!r}"
+            )
+        if entity_mask is None and self.evidence == "attribution" and self.model.gnn is not None:
+            return self._predict_attributed(batch, texts)
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
             tokens = mask = None
@@ -533,6 +549,20 @@ class Predictor:
                 entity_mask = entity_mask.to(self.device)
             with amp_context(self.device):
                 out = self.model(x, tokens, mask, entity_mask=entity_mask)
+        return output_to_cpu(out)
+
+    def _predict_attributed(
+        self, batch: torch.Tensor, texts: Sequence[str | None] | None
+    ) -> KgdxOutput:
+        """:meth:`predict` with the evidence attribution (needs autograd, so no
+        ``inference_mode``; the image encoder still runs without gradients)."""
+        with torch.no_grad():
+            x = batch.to(self.device, non_blocking=True)
+            tokens = mask = None
+            if texts is not None and any(isinstance(t, str) and t.strip() for t in texts):
+                tokens, mask = self.text_tokens(texts)
+        with amp_context(self.device):
+            out = attributed_forward(self.model, x, tokens, mask)
         return output_to_cpu(out)
 
     def _check_batch(self, batch: torch.Tensor) -> None:

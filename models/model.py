@@ -210,6 +210,7 @@ class KgdxModel(nn.Module):
         text_mask: torch.Tensor | None = None,
         targets: list[int] | None = None,
         entity_mask: torch.Tensor | None = None,
+        entity_bias: torch.Tensor | None = None,
     ) -> KgdxOutput:
         """Score the trained targets.
 
@@ -221,6 +222,9 @@ class KgdxModel(nn.Module):
             targets: positions in ``config.targets`` to score (default: all, in order).
             entity_mask: optional (N,) or (B, N) bool, ``True`` hides an entity from the
                 fusion (used to measure the faithfulness of evidence).
+            entity_bias: optional (N,) or (B, N) float added to the fusion's attention
+                scores for each entity; its gradient is the evidence attribution
+                (:mod:`models.attribution`).
         """
         k = len(self.config.targets)
         if targets is None:
@@ -231,7 +235,7 @@ class KgdxModel(nn.Module):
                 raise ValueError(f"targets holds positions outside [0, {k}): {bad}")
             pos = torch.tensor(targets, dtype=torch.long, device=self.target_nodes.device)
         return self._predict(
-            images, self.target_nodes[pos], pos, text_tokens, text_mask, entity_mask
+            images, self.target_nodes[pos], pos, text_tokens, text_mask, entity_mask, entity_bias
         )
 
     def score_concepts(
@@ -272,6 +276,7 @@ class KgdxModel(nn.Module):
         text_tokens: torch.Tensor | None,
         text_mask: torch.Tensor | None,
         entity_mask: torch.Tensor | None,
+        entity_bias: torch.Tensor | None = None,
     ) -> KgdxOutput:
         entities = self.entity_embeddings()  # (N, D), once for the whole batch
         queries = entities[nodes]  # (K, D)
@@ -306,7 +311,7 @@ class KgdxModel(nn.Module):
         elif text_mask is not None:
             raise ValueError("text_mask given without text_tokens")
 
-        fused, fusion_attn = self.fusion(tokens, entities, entity_mask)  # (B,S,D), (B,S,N)
+        fused, fusion_attn = self.fusion(tokens, entities, entity_mask, entity_bias)  # (B,S,D)
         if token_mask is not None:
             fusion_attn = fusion_attn.masked_fill(token_mask.unsqueeze(-1), 0.0)
         dec = self.decoder(queries, fused, p, token_mask, logit_bias, fusion_attn)

@@ -24,12 +24,16 @@ class KgdxOutput:
             ``(B, K, rows, cols)`` for a heat map.
         grid: (rows, cols) of the patch grid, row-major.
         entity_relevance: (B, K, N) finding -> token attention composed with token ->
-            entity attention; each row sums to 1 over the entities.
+            entity attention; each row sums to 1 over the entities. With
+            ``entity_attribution``: each entity's share of the finding's positive
+            attribution instead (rows sum to 1, or 0 when none is positive).
         concept_ids: the K concept ids of the columns of ``logits``.
         entity_ids: the N concept ids of the last axis of ``entity_relevance``.
         fusion_attention: (B, S, N) token -> entity attention, or ``None``.
         token_attention: (B, K, S) finding -> token attention over image and text tokens
             (zero at padded text), or ``None``.
+        entity_attribution: (B, K, N) the logit each finding would lose, to first order,
+            without each entity (:mod:`models.attribution`), or ``None`` when not computed.
     """
 
     logits: torch.Tensor
@@ -41,6 +45,18 @@ class KgdxOutput:
     entity_ids: list[str]
     fusion_attention: torch.Tensor | None = None
     token_attention: torch.Tensor | None = None
+    entity_attribution: torch.Tensor | None = None
+
+    def evidence_scores(self) -> torch.Tensor:
+        """What evidence is ranked by: ``entity_attribution`` when computed, else
+        ``entity_relevance``.
+
+        Shapes:
+            returns (B, K, N).
+        """
+        if self.entity_attribution is not None:
+            return self.entity_attribution
+        return self.entity_relevance
 
     def heatmaps(self) -> torch.Tensor:
         """``patch_attention`` on the patch grid.

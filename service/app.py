@@ -79,6 +79,7 @@ def load_model(state: AppState) -> None:
         allow_other_ontology=settings.allow_other_ontology,
         store=store,
     )
+    predictor.evidence = settings.evidence
     assert predictor.arrays is not None
     state.graph = ConceptGraph.from_arrays(predictor.arrays)
     state.pipeline = InferencePipeline(predictor, state.graph)

@@ -50,7 +50,14 @@ class Heatmap(BaseModel):
 
 class Evidence(BaseModel):
     concept: ConceptRef
-    relevance: float = Field(description="Share of the finding's attention on this concept")
+    relevance: float = Field(
+        description=(
+            "This concept's share of the finding's evidence, in [0, 1]: with KGDX_EVIDENCE="
+            "attribution (the default) its share of the logit the finding would lose, to "
+            "first order, without each concept whose removal would lower it; with "
+            "KGDX_EVIDENCE=attention its share of the finding's attention over the concepts"
+        )
+    )
 
 
 class PathNode(BaseModel):

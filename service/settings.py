@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     threshold: float | None = Field(None, ge=0.0, le=1.0)  # default decision threshold
     top_k_paths: int = Field(3, ge=0, le=20)  # explanation paths per finding
     evidence_k: int = Field(5, ge=1, le=50)  # evidence concepts per finding
+    # how evidence concepts are ranked: "attribution" (the logit each concept's removal would
+    # cost, to first order: one batched backward pass through fusion and decoder, about
+    # twice the inference time on a CPU) or "attention" (the fusion attention: no backward
+    # pass, but no better than random concepts at the deletion test); models/attribution.py
+    evidence: Literal["attribution", "attention"] = "attribution"
     max_path_hops: int = Field(4, ge=1, le=6)
     rate_limit_per_minute: int | None = Field(None, ge=1)  # per API key; None = no limit
     cors_origins: list[str] = Field(default_factory=list)  # closed by default

@@ -45,3 +45,12 @@ def test_unbatched() -> None:
     attn = MultiHeadAttention(8, heads=2)
     out, w = attn(torch.randn(3, 8), torch.randn(5, 8))
     assert out.shape == (3, 8) and w.shape == (1, 3, 5)
+
+
+def test_top_k_keeps_each_heads_best_keys_and_is_checked() -> None:
+    mha = MultiHeadAttention(16, heads=2, top_k=3).eval()
+    out, w = mha(torch.randn(2, 4, 16), torch.randn(9, 16))
+    assert out.shape == (2, 4, 16) and ((w > 0).sum(-1) <= 6).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="top_k"):
+        MultiHeadAttention(16, heads=2, top_k=0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from models.decoder import DecoderConfig, FindingDecoder
+from models.errors import ConfigError
 
 
 def _decoder(self_attention: bool = True) -> FindingDecoder:
@@ -81,3 +82,63 @@ def test_patch_pooling_scores_patches_and_its_weights_are_the_heat_map() -> None
 def test_pool_sharpness_is_checked() -> None:
     with pytest.raises(Exception, match="pool_sharpness"):
         DecoderConfig(pool_sharpness=0.0)
+
+
+def _patch_only(patch_query: str) -> FindingDecoder:
+    cfg = DecoderConfig(
+        layers=1,
+        heads=4,
+        ffn_mult=2,
+        dropout=0.0,
+        patch_pooling=True,
+        global_logit=False,
+        patch_query=patch_query,
+    )
+    return FindingDecoder(32, cfg).eval()
+
+
+@pytest.mark.parametrize("patch_query", ["decoder", "entity"])
+def test_without_global_logit_the_patches_alone_make_the_logit(patch_query: str) -> None:
+    """The shared head no longer adds to the logit, and the evidence ranking is the pooling
+    weights composed with the image tokens' knowledge (text tokens take no part)."""
+    torch.manual_seed(0)
+    dec = _patch_only(patch_query)
+    queries, tokens = torch.randn(3, 32), torch.randn(2, 20, 32)
+    fusion_attn = torch.softmax(torch.randn(2, 20, 6), -1)
+    out = dec(queries, tokens, 16, fusion_attention=fusion_attn)
+    with torch.no_grad():
+        for param in dec.head.parameters():
+            param.add_(1.0)
+    torch.testing.assert_close(dec(queries, tokens, 16).logits, out.logits)
+    bias = torch.tensor([0.0, 3.0, 0.0])
+    torch.testing.assert_close(dec(queries, tokens, 16, logit_bias=bias).logits, out.logits + bias)
+    assert out.entity_relevance is not None
+    torch.testing.assert_close(out.entity_relevance, out.patch_attention @ fusion_attn[:, :16])
+    torch.testing.assert_close(out.entity_relevance.sum(-1), torch.ones(2, 3))
+
+
+def test_entity_patch_query_reads_only_the_image_patches() -> None:
+    """With the entity as the patch query a finding's logit and heat map are the same
+    whatever else the decoder reads (text tokens here), as a class activation map's are;
+    with the decoded query they change with it."""
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 20, 32)
+    other = tokens.clone()
+    other[:, 16:] = torch.randn(2, 4, 32)  # new "text" tokens, same image patches
+    queries = torch.randn(3, 32)
+    entity, decoded = _patch_only("entity"), _patch_only("decoder")
+    a, b = entity(queries, tokens, 16), entity(queries, other, 16)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.patch_attention, b.patch_attention)
+    assert not torch.allclose(
+        decoded(queries, tokens, 16).logits, decoded(queries, other, 16).logits
+    )
+
+
+def test_patch_only_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="patch_query"):
+        DecoderConfig(patch_pooling=True, patch_query="cls")
+    with pytest.raises(ConfigError, match=r"need decoder\.patch_pooling"):
+        DecoderConfig(global_logit=False)
+    with pytest.raises(ConfigError, match=r"need decoder\.patch_pooling"):
+        DecoderConfig(patch_query="entity")

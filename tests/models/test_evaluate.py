@@ -193,6 +193,27 @@ def test_faithfulness_section(tmp_path: Path, predictor: Predictor) -> None:
     assert faith["k"] == 2 and faith["random_draws"] == 2
     for key in ("evidence_drop", "random_drop", "ratio", "ratio_ci", "random_floored"):
         assert key in faith["overall"]
+    assert faith["evidence"] == "attribution"
+    # the same test of the attention ranking, and a bad choice refused before any work
+    attention = run_evaluation(
+        data,
+        images,
+        tmp_path / "a",
+        predictor=predictor,
+        faithfulness=True,
+        deletion=config,
+        n_boot=0,
+        quiet=True,
+        batch_size=3,
+        evidence="attention",
+    )
+    assert attention["faithfulness"]["evidence"] == "attention"
+    assert attention["macro_auroc"] == report["macro_auroc"]
+    assert attention["faithfulness"]["overall"]["n_pairs"] == 7
+    assert attention["faithfulness"]["overall"] != faith["overall"]
+    with pytest.raises(DataError, match="--evidence must be one of"):
+        run_evaluation(data, images, tmp_path / "b", predictor=predictor, evidence="saliency")
+    predictor.evidence = "attribution"
 
 
 def test_localisation_with_a_synthetic_box(tmp_path: Path, predictor: Predictor) -> None:

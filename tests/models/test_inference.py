@@ -331,3 +331,37 @@ def test_deletion_test_on_predicted_positives(checkpoint: tuple[Path, torch.nn.M
     assert [(r.image, r.finding) for r in records] == positive_pairs(out.probabilities)
     one = predictor.deletion_test(batch, out, [(1, 0)], DeletionConfig(k=1, random_draws=1))
     assert len(one) == 1 and len(one[0].evidence) == 1
+
+
+def test_predict_ranks_evidence_by_attribution_unless_told_otherwise(
+    checkpoint: tuple[Path, torch.nn.Module],
+    tmp_path: Path,
+    arrays: GraphArrays,
+    features: torch.Tensor,
+    stored: str,
+) -> None:
+    """By default the output carries the attribution and its shares; ``evidence =
+    "attention"`` gives the plain forward; the scores are the same either way; a masked
+    forward and the --no-kg ablation rank by attention."""
+    directory, _ = checkpoint
+    predictor = Predictor.load(directory, device="cpu")
+    assert predictor.evidence == "attribution"
+    batch, _ = predictor.preprocess(_images())
+    attributed = predictor.predict(batch)
+    assert attributed.entity_attribution is not None
+    assert attributed.entity_attribution.shape == (3, 3, arrays.num_nodes)
+    assert not attributed.entity_relevance.requires_grad
+    predictor.evidence = "attention"
+    plain = predictor.predict(batch)
+    assert plain.entity_attribution is None
+    torch.testing.assert_close(plain.probabilities, attributed.probabilities)
+    assert not torch.allclose(plain.entity_relevance, attributed.entity_relevance)
+    predictor.evidence = "attribution"
+    masked = predictor.predict(batch, entity_mask=torch.zeros(arrays.num_nodes, dtype=torch.bool))
+    assert masked.entity_attribution is None
+    predictor.evidence = "saliency"
+    with pytest.raises(ModelError, match="evidence must be one of"):
+        predictor.predict(batch)
+    nokg = tiny_model(arrays, features, use_kg=False)
+    ablation = Predictor.load(save_tiny(tmp_path / "nokg", nokg, stored), device="cpu")
+    assert ablation.predict(batch).entity_attribution is None

@@ -363,3 +363,31 @@ def test_not_ready_without_a_checkpoint(make_service: Callable[..., Served], tmp
     _assert_error(r, 503, "checkpoint")
     _assert_error(_predict(served), 503, "")
     assert served.client.get("/healthz").status_code == 200
+
+
+def test_evidence_ranking_is_a_setting(make_service: Callable[..., Served]) -> None:
+    """KGDX_EVIDENCE picks how evidence ranks (attribution by default); the scores are the
+    same either way, the evidence differs, and relevances stay shares in [0, 1]."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    attributed = make_service()
+    attention = make_service(evidence="attention")
+    assert attributed.client.app.state.kgdx.predictor.evidence == "attribution"
+    assert attention.client.app.state.kgdx.predictor.evidence == "attention"
+    a, b = _predict(attributed).json(), _predict(attention).json()
+    assert [f["probability"] for f in a["findings"]] == [f["probability"] for f in b["findings"]]
+    for body in (a, b):
+        for f in body["findings"]:
+            assert all(0.0 <= e["relevance"] <= 1.0 for e in f["evidence"])
+            assert sum(e["relevance"] for e in f["evidence"]) <= 1.0 + 1e-5
+
+    def evidence(body: dict) -> list:
+        return [
+            [(e["concept"]["id"], e["relevance"]) for e in f["evidence"]] for f in body["findings"]
+        ]
+
+    assert evidence(a) != evidence(b)
+    with pytest.raises(ValidationError, match="evidence"):
+        Settings(evidence="saliency")
