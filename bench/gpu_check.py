@@ -3,16 +3,19 @@
 Loads the default checkpoint (or ``--checkpoint DIR``; ``--random-init``, or a missing default
 checkpoint, builds the default model config over the bundled graph with random weights and
 features instead),
-then times :meth:`models.inference.Predictor.predict` (inference mode, autocast bf16/fp16, the
-outputs copied back to the CPU, as the service does) on random inputs at the model's image size
-for batch sizes 1 / 8 / 32 / 128. Prints images/s, p50 / p99 latency per batch and peak GPU
-memory per batch size, and a JSON line with the same figures.
+then times :meth:`models.inference.Predictor.predict` (``--evidence attention``, the default
+here: inference mode, autocast bf16/fp16, the outputs copied back to the CPU, as the service
+does with ``KGDX_EVIDENCE=attention``; ``--evidence attribution``, the service's default, adds
+the evidence attribution's backward pass through fusion and decoder, in float32) on random
+inputs at the model's image size for batch sizes 1 / 8 / 32 / 128. Prints images/s, p50 / p99
+latency per batch and peak GPU memory per batch size, and a JSON line with the same figures.
 
 Without CUDA it prints a note, times batch 1 and 8 on the CPU for reference, and exits 0.
 Bounded to about three minutes on an H100: each batch size stops after ``--max-seconds``.
 
 Usage: python bench/gpu_check.py [--checkpoint DIR | --random-init] [--iters 50]
        [--batch-sizes 1,8,32,128] [--max-seconds 20] [--device auto|cpu|cuda]
+       [--evidence attention|attribution]
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.errors import ModelError  # noqa: E402
-from models.inference import Predictor, amp_dtype, pick_device  # noqa: E402
+from models.inference import EVIDENCE_METHODS, Predictor, amp_dtype, pick_device  # noqa: E402
 
 CPU_BATCH_SIZES = (1, 8)
 CPU_ITERS = 5
@@ -117,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=50, help="timed forwards per batch size")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="per batch size")
+    parser.add_argument(
+        "--evidence",
+        choices=EVIDENCE_METHODS,
+        default="attention",
+        help="how predict ranks evidence: attention (AMP inference only, the default here) or "
+        "attribution (adds a float32 backward pass through fusion and decoder)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -156,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     load_s = time.perf_counter() - t0
+    predictor.evidence = args.evidence
     cfg = predictor.config
     dtype = amp_dtype(device)
     header = {
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "amp": str(dtype).replace("torch.", "") if dtype else "off (fp32)",
+        "evidence": args.evidence,
         "model": f"{predictor.model_name} {predictor.model_version}",
         "backbone": cfg.image.backbone,
         "image_size": predictor.image_size,

@@ -434,6 +434,11 @@ class _PredictorScorer:
 class KgdxScorer(_PredictorScorer):
     """A kgdx :class:`Predictor`: probabilities, attention heat maps, zero-shot scores."""
 
+    def score(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        # scores and maps only: the evidence attribution's backward pass would change nothing
+        out = self.predictor.predict(batch, evidence="attention")
+        return out.probabilities.numpy(), out.heatmaps().numpy()
+
     def zero_shot(self, batch: Any, concept_ids: list[str]) -> np.ndarray:
         return zero_shot_scores(self.predictor, batch, concept_ids)
 

@@ -52,7 +52,9 @@ def attributed_forward(
     Returns:
         the :class:`KgdxOutput` of those columns, detached, with ``entity_attribution``
         (B, C, N) ``d logit / d b_n`` and ``entity_relevance`` its
-        :func:`attribution_shares`. Needs autograd: call it outside ``inference_mode``.
+        :func:`attribution_shares`. Autograd runs even when called under
+        ``torch.no_grad()`` or ``torch.inference_mode()``. Run it without autocast: in
+        half precision small gradients round to zero and the ranking loses its order.
     """
     from models.inference import reuse_image_tokens  # inference imports this module
 
@@ -61,10 +63,11 @@ def attributed_forward(
     bad = [c for c in cols if not 0 <= c < k]
     if bad or not cols:
         raise ValueError(f"columns must be positions in [0, {k}), got {cols}")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("attribution needs autograd: call it outside torch.inference_mode()")
     b, n = images.shape[0], model.num_entities
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))  # works inside inference_mode too
+        if images.is_inference():
+            images = images.clone()
         with torch.no_grad():  # the image encoder takes no part in the gradient
             take = stack.enter_context(reuse_image_tokens(model, images))
         with torch.enable_grad():

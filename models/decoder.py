@@ -41,8 +41,10 @@ class DecoderConfig:
             0 it averages the patches, large it takes their maximum (default 5).
         global_logit: with ``patch_pooling``, also add the shared head's score of the
             decoded query to the logit (default ``True``). ``False`` scores a finding from its
-            patches alone, as a class activation map does, so the heat map shows all of what
-            the logit rests on, and the evidence ranking follows the pooling weights.
+            patch scores alone, as a class activation map does, and the attention relevance
+            follows the pooling weights over the image tokens (with ``patch_query =
+            "decoder"`` the query matched against the patches has itself read every token,
+            clinical text included, so the map is not all the logit rests on).
         patch_query: with ``patch_pooling``, what is matched against each patch:
             ``"decoder"`` (default) the finding's decoded query, which has read the whole
             image (and the clinical text); ``"entity"`` the finding's own entity embedding,

@@ -161,8 +161,53 @@ def run_evaluation(
     annotations = read_bbox_csv(boxes) if boxes is not None else None
     if predictor is None:
         predictor = Predictor.load(checkpoint)
-    if evidence is not None:
-        predictor.evidence = evidence
+    # scores and heat maps do not need the attribution's backward pass: only the deletion
+    # test ranks evidence (the caller's predictor gets its setting back at the end)
+    caller_evidence = predictor.evidence
+    predictor.evidence = (evidence or caller_evidence) if faithfulness else "attention"
+    try:
+        return _evaluate(
+            data=data,
+            images=images,
+            out=out,
+            boxes=boxes,
+            faithfulness=faithfulness,
+            split=split,
+            limit=limit,
+            quiet=quiet,
+            json=json,
+            predictor=predictor,
+            batch_size=batch_size,
+            n_boot=n_boot,
+            deletion=deletion,
+            columns=columns,
+            annotations=annotations,
+            started=started,
+        )
+    finally:
+        predictor.evidence = caller_evidence
+
+
+def _evaluate(
+    *,
+    data: Path,
+    images: Path,
+    out: Path,
+    boxes: Path | None,
+    faithfulness: bool,
+    split: str | None,
+    limit: int | None,
+    quiet: bool,
+    json: bool,
+    predictor: Predictor,
+    batch_size: int,
+    n_boot: int,
+    deletion: DeletionConfig | None,
+    columns: list[str],
+    annotations: Any,
+    started: float,
+) -> dict[str, Any]:
+    """The body of :func:`run_evaluation` once its inputs are checked and loaded."""
     notes: list[str] = []
 
     # -- data -----------------------------------------------------------------------------

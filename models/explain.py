@@ -15,7 +15,9 @@ Built from one :class:`~models.outputs.KgdxOutput` without running the model aga
   finding would lose, to first order, without them, and *relevance* is each concept's share
   of the positive attribution; otherwise by *relevance* as the attention gives it, the
   finding -> token attention composed with the token -> entity attention of the knowledge
-  fusion. Either way a share: a finding's relevances sum to 1 (or 0) over all entities. The
+  fusion. Either way a share: a finding's relevances sum to 1 (or 0) over all entities. With
+  the attribution, concepts whose removal would not lower the logit are left out (a finding
+  may then list fewer than ``top_k``). The
   finding's own concept is kept when it ranks (it often does: tokens attend to the concept
   they resemble) but flagged ``is_self``, so a caller can drop it; other trained targets are
   flagged ``is_target``. The faithfulness test (:mod:`models.faithfulness`) masks the
@@ -53,7 +55,9 @@ class Evidence:
     Attributes:
         concept_id: the concept's id in the ontology.
         label: its preferred label.
-        relevance: its share of the finding's attention through the fused tokens, in [0, 1].
+        relevance: its share of the finding's evidence, in [0, 1]: of the positive
+            attribution when the output carries it, else of the finding's attention through
+            the fused tokens.
         is_self: the finding's own concept.
         is_target: one of the model's trained findings (the own concept included).
     """
@@ -354,8 +358,10 @@ def explain_output(
     max_att = flat.max(-1).values
     rel = output.entity_relevance.detach().float().cpu()  # (B, K, N)
     scores = output.evidence_scores().detach().float().cpu()  # the attribution when computed
-    idx, _ = rank_evidence(scores, min(top_k, n))
+    idx, ranked = rank_evidence(scores, min(top_k, n))
     vals = rel.gather(-1, idx)
+    # with the attribution, a concept whose removal would not lower the logit is no evidence
+    keep = ranked > 0 if output.entity_attribution is not None else torch.ones_like(idx).bool()
     rows, grid_cols = output.grid
 
     out: list[ImageExplanation] = []
@@ -378,7 +384,10 @@ def explain_output(
                     is_self=e == own,
                     is_target=output.entity_ids[e] in targets,
                 )
-                for e, v in zip(idx[i, c].tolist(), vals[i, c].tolist(), strict=True)
+                for e, v, kept in zip(
+                    idx[i, c].tolist(), vals[i, c].tolist(), keep[i, c].tolist(), strict=True
+                )
+                if kept
             ]
             p = int(peak_idx[i, c])
             thr = thresholds[c] if thresholds is not None else None

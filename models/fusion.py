@@ -27,7 +27,9 @@ class FusionConfig:
         dropout: dropout on attention weights and block outputs (default 0.1).
         top_k: each token attends to at most its ``top_k`` best-matching entities per head
             (sparse fusion: a finding then rests on a few concepts, not a haze over the
-            whole graph); ``0`` (default) attends to all.
+            whole graph); ``0`` (default) attends to all. Entities outside a token's top
+            ``k`` get zero attribution (:mod:`models.attribution`), though removing one
+            inside it lets the next one in, which the first-order estimate does not see.
     """
 
     layers: int = 1  # cross-attention blocks

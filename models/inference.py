@@ -298,7 +298,8 @@ class Predictor:
     """A loaded checkpoint ready to score images (see the module docstring).
 
     Build it with :meth:`load`. Thread-safe for concurrent :meth:`predict` calls (the model
-    is read-only in eval mode), though one inference worker per device is the intended use.
+    is read-only in eval mode; attributed calls take turns, see
+    :func:`reuse_image_tokens`), though one inference worker per device is the intended use.
 
     Attributes:
         model: the :class:`KgdxModel`, eval mode, entities cached, on :attr:`device`.
@@ -519,26 +520,32 @@ class Predictor:
         batch: torch.Tensor,
         texts: Sequence[str | None] | None = None,
         entity_mask: torch.Tensor | None = None,
+        *,
+        evidence: str | None = None,
     ) -> KgdxOutput:
         """Score the trained findings of a preprocessed batch.
 
-        Runs under ``torch.inference_mode()``, with autocast on CUDA; the output's tensors
-        come back float32 on the CPU.
+        With ``evidence = "attribution"`` (the default, :mod:`models.attribution`) the image
+        encoder runs without gradients and fusion and decoder once more backwards, in
+        float32; with ``"attention"`` (or an ``entity_mask``) everything runs under
+        ``torch.inference_mode()``, with autocast on CUDA. The output's tensors come back
+        float32 on the CPU.
 
         Args:
             batch: ``(B, 1, S, S)`` from :meth:`preprocess`.
             texts: optional clinical text per image (None entries: no text).
             entity_mask: optional ``(N,)`` or ``(B, N)`` bool, ``True`` hides an entity
                 from the fusion (the output then ranks evidence by attention).
+            evidence: ``"attribution"`` or ``"attention"`` for this call (default:
+                :attr:`evidence`).
         """
         self._check_batch(batch)
         if texts is not None and len(texts) != batch.shape[0]:
             raise DataError(f"texts has {len(texts)} entries for {batch.shape[0]} images")
-        if self.evidence not in EVIDENCE_METHODS:
-            raise ModelError(
-                f"evidence must be one of {list(EVIDENCE_METHODS)}, got {self.evidence!r}"
-            )
-        if entity_mask is None and self.evidence == "attribution" and self.model.gnn is not None:
+        method = self.evidence if evidence is None else evidence
+        if method not in EVIDENCE_METHODS:
+            raise ModelError(f"evidence must be one of {list(EVIDENCE_METHODS)}, got {method!r}")
+        if entity_mask is None and method == "attribution" and self.model.gnn is not None:
             return self._predict_attributed(batch, texts)
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
@@ -554,16 +561,14 @@ class Predictor:
     def _predict_attributed(
         self, batch: torch.Tensor, texts: Sequence[str | None] | None
     ) -> KgdxOutput:
-        """:meth:`predict` with the evidence attribution (needs autograd, so no
-        ``inference_mode``; the image encoder still runs without gradients)."""
+        """:meth:`predict` with the evidence attribution: autograd on, no autocast (in half
+        precision small gradients round to zero and the ranking loses its order)."""
         with torch.no_grad():
             x = batch.to(self.device, non_blocking=True)
             tokens = mask = None
             if texts is not None and any(isinstance(t, str) and t.strip() for t in texts):
                 tokens, mask = self.text_tokens(texts)
-        with amp_context(self.device):
-            out = attributed_forward(self.model, x, tokens, mask)
-        return output_to_cpu(out)
+        return output_to_cpu(attributed_forward(self.model, x, tokens, mask))
 
     def _check_batch(self, batch: torch.Tensor) -> None:
         s = self.image_size

@@ -180,15 +180,17 @@ class KgdxModel(nn.Module):
         h = self.gnn(self.node_features, self.edge_index, self.edge_type)  # (N, hidden)
         return self.entity_proj(h)  # (N, D)
 
-    @torch.no_grad()
     def cache_entities(self) -> torch.Tensor:
         """Compute ``E`` once and reuse it in every later forward (serving).
 
         Cleared by :meth:`clear_entity_cache` and by ``train()``, since training changes
-        the GNN. Call after ``eval()`` and after loading weights.
+        the GNN. Call after ``eval()`` and after loading weights. The cache is an ordinary
+        tensor even when called under ``torch.inference_mode()``, so forwards that need
+        autograd (the evidence attribution, :mod:`models.attribution`) can use it.
         """
         self._entity_cache = None
-        self._entity_cache = self.entity_embeddings().detach()
+        with torch.inference_mode(False), torch.no_grad():
+            self._entity_cache = self.entity_embeddings().detach()
         return self._entity_cache
 
     freeze_entities = cache_entities

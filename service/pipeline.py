@@ -98,7 +98,9 @@ def preprocess(
 def predict(
     predictor: Predictor, batch: torch.Tensor, texts: Sequence[str | None] | None = None
 ) -> KgdxOutput:
-    """One forward pass over a preprocessed batch (inference mode, AMP on CUDA)."""
+    """Score a preprocessed batch: a forward pass, and the evidence attribution's backward
+    pass through fusion and decoder unless ``KGDX_EVIDENCE=attention`` (see
+    :meth:`Predictor.predict <models.inference.Predictor.predict>`)."""
     return predictor.predict(batch, texts)
 
 

@@ -102,14 +102,45 @@ def test_shares_of_nothing_positive_are_zero() -> None:
     )
 
 
-def test_bad_columns_and_inference_mode_are_refused(
-    arrays: GraphArrays, features: torch.Tensor
-) -> None:
+def test_bad_columns_are_refused(arrays: GraphArrays, features: torch.Tensor) -> None:
     model = tiny_model(arrays, features)
     images = torch.randn(1, 1, 32, 32)
     with pytest.raises(ValueError, match="columns"):
         attributed_forward(model, images, columns=[99])
     with pytest.raises(ValueError, match="columns"):
         attributed_forward(model, images, columns=[])
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="autograd"):
-        attributed_forward(model, images)
+
+
+def test_attribution_runs_inside_no_grad_and_inference_mode(
+    arrays: GraphArrays, features: torch.Tensor
+) -> None:
+    """Callers that wrap scoring in ``no_grad`` or ``inference_mode`` (the entity cache made
+    there too, inputs made there) get the same attribution as everyone else."""
+    model = tiny_model(arrays, features)
+    with torch.inference_mode():
+        model.cache_entities()
+        images = torch.randn(2, 1, 32, 32)
+    assert not model._entity_cache.is_inference()
+    plain = attributed_forward(model, images.clone())
+    with torch.no_grad():
+        quiet = attributed_forward(model, images)
+    with torch.inference_mode():
+        inside = attributed_forward(model, images)
+    for out in (quiet, inside):
+        assert out.entity_attribution is not None and plain.entity_attribution is not None
+        torch.testing.assert_close(out.entity_attribution, plain.entity_attribution)
+        torch.testing.assert_close(out.logits, plain.logits)
+
+
+def test_concepts_that_would_not_lower_the_logit_are_no_evidence(
+    arrays: GraphArrays, features: torch.Tensor
+) -> None:
+    model = tiny_model(arrays, features)
+    model.cache_entities()
+    out = attributed_forward(model, torch.randn(1, 1, 32, 32))
+    assert out.entity_attribution is not None
+    out.entity_attribution[0, 0] = -1.0  # nothing would lower finding 0's logit
+    out.entity_attribution[0, 0, 3] = 0.5  # but one concept
+    explained = explain_output(out, {}, top_k=4)[0].findings
+    assert [e.concept_id for e in explained[0].evidence] == [arrays.node_ids[3]]
+    assert len(explained[1].evidence) == 4

@@ -213,7 +213,7 @@ def test_faithfulness_section(tmp_path: Path, predictor: Predictor) -> None:
     assert attention["faithfulness"]["overall"] != faith["overall"]
     with pytest.raises(DataError, match="--evidence must be one of"):
         run_evaluation(data, images, tmp_path / "b", predictor=predictor, evidence="saliency")
-    predictor.evidence = "attribution"
+    assert predictor.evidence == "attribution"  # the caller's setting is left as it was
 
 
 def test_localisation_with_a_synthetic_box(tmp_path: Path, predictor: Predictor) -> None:

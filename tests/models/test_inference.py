@@ -359,9 +359,11 @@ def test_predict_ranks_evidence_by_attribution_unless_told_otherwise(
     predictor.evidence = "attribution"
     masked = predictor.predict(batch, entity_mask=torch.zeros(arrays.num_nodes, dtype=torch.bool))
     assert masked.entity_attribution is None
+    assert predictor.predict(batch, evidence="attention").entity_attribution is None
     predictor.evidence = "saliency"
     with pytest.raises(ModelError, match="evidence must be one of"):
         predictor.predict(batch)
+    assert predictor.predict(batch, evidence="attribution").entity_attribution is not None
     nokg = tiny_model(arrays, features, use_kg=False)
     ablation = Predictor.load(save_tiny(tmp_path / "nokg", nokg, stored), device="cpu")
     assert ablation.predict(batch).entity_attribution is None
