@@ -52,10 +52,10 @@ class Evidence(BaseModel):
     concept: ConceptRef
     relevance: float = Field(
         description=(
-            "This concept's share of the finding's evidence, in [0, 1]: with KGDX_EVIDENCE="
-            "attribution (the default) its share of the logit the finding would lose, to "
-            "first order, without each concept whose removal would lower it; with "
-            "KGDX_EVIDENCE=attention its share of the finding's attention over the concepts"
+            "This concept's share of the finding's evidence, in [0, 1]: by default "
+            "(KGDX_EVIDENCE=attention) its share of the finding's attention over the "
+            "concepts; with KGDX_EVIDENCE=attribution its share of the logit the finding "
+            "would lose, to first order, without each concept whose removal would lower it"
         )
     )
 

@@ -63,11 +63,13 @@ class Settings(BaseSettings):
     threshold: float | None = Field(None, ge=0.0, le=1.0)  # default decision threshold
     top_k_paths: int = Field(3, ge=0, le=20)  # explanation paths per finding
     evidence_k: int = Field(5, ge=1, le=50)  # evidence concepts per finding
-    # how evidence concepts are ranked: "attribution" (the logit each concept's removal would
-    # cost, to first order: one batched backward pass through fusion and decoder, about
-    # twice the inference time on a CPU) or "attention" (the fusion attention: no backward
-    # pass, but no better than random concepts at the deletion test); models/attribution.py
-    evidence: Literal["attribution", "attention"] = "attribution"
+    # how evidence concepts are ranked: "attention" (the fusion attention: no backward pass;
+    # the deletion test finds it little better than random concepts) or "attribution" (the
+    # logit each concept's removal would cost, to first order: the faithful ranking, ratio
+    # 10.8 against 1.2 on the bundled model, but its batched backward pass through fusion and
+    # decoder takes the model from about 5 to 12 ms an image on a 2-core CPU and halves the
+    # service's throughput there); models/attribution.py, MODEL_CARD.md
+    evidence: Literal["attribution", "attention"] = "attention"
     max_path_hops: int = Field(4, ge=1, le=6)
     rate_limit_per_minute: int | None = Field(None, ge=1)  # per API key; None = no limit
     cors_origins: list[str] = Field(default_factory=list)  # closed by default

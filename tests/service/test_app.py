@@ -366,14 +366,15 @@ def test_not_ready_without_a_checkpoint(make_service: Callable[..., Served], tmp
 
 
 def test_evidence_ranking_is_a_setting(make_service: Callable[..., Served]) -> None:
-    """KGDX_EVIDENCE picks how evidence ranks (attribution by default); the scores are the
-    same either way, the evidence differs, and relevances stay shares in [0, 1]."""
+    """KGDX_EVIDENCE picks how evidence ranks (attention by default: it needs no backward
+    pass); the scores are the same either way, the evidence differs, and relevances stay
+    shares in [0, 1]."""
     from pydantic import ValidationError
 
     from service.settings import Settings
 
-    attributed = make_service()
-    attention = make_service(evidence="attention")
+    attention = make_service()
+    attributed = make_service(evidence="attribution")
     assert attributed.client.app.state.kgdx.predictor.evidence == "attribution"
     assert attention.client.app.state.kgdx.predictor.evidence == "attention"
     a, b = _predict(attributed).json(), _predict(attention).json()
