@@ -5,10 +5,11 @@ checkpoint, builds the default model config over the bundled graph with random w
 features instead),
 then times :meth:`models.inference.Predictor.predict` (``--evidence attention``, the default
 here: inference mode, autocast bf16/fp16, the outputs copied back to the CPU, as the service
-does with ``KGDX_EVIDENCE=attention``; ``--evidence attribution``, the service's default, adds
+does by default; ``--evidence attribution``, as with ``KGDX_EVIDENCE=attribution``, adds
 the evidence attribution's backward pass through fusion and decoder, in float32) on random
-inputs at the model's image size for batch sizes 1 / 8 / 32 / 128. Prints images/s, p50 / p99
-latency per batch and peak GPU memory per batch size, and a JSON line with the same figures.
+inputs at the model's image size for batch sizes 1 / 8 / 32 / 128. Prints images/s, p50 /
+p99 latency per batch and peak GPU memory per batch size, and a JSON line with the same
+figures.
 
 Without CUDA it prints a note, times batch 1 and 8 on the CPU for reference, and exits 0.
 Bounded to about three minutes on an H100: each batch size stops after ``--max-seconds``.

@@ -62,10 +62,10 @@ import sys
 import time
 import tomllib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -414,6 +414,9 @@ class Scorer(Protocol):
 class _PredictorScorer:
     """Probabilities and heat maps from a loaded predictor (kgdx or baseline)."""
 
+    #: keyword arguments of every ``predict`` call
+    predict_options: ClassVar[Mapping[str, Any]] = {}
+
     def __init__(self, predictor: Any):
         self.predictor = predictor
         self.names = list(predictor.names)
@@ -427,17 +430,15 @@ class _PredictorScorer:
         return batch, list(geometries)
 
     def score(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
-        out = self.predictor.predict(batch)
+        out = self.predictor.predict(batch, **self.predict_options)
         return out.probabilities.numpy(), out.heatmaps().numpy()
 
 
 class KgdxScorer(_PredictorScorer):
     """A kgdx :class:`Predictor`: probabilities, attention heat maps, zero-shot scores."""
 
-    def score(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
-        # scores and maps only: the evidence attribution's backward pass would change nothing
-        out = self.predictor.predict(batch, evidence="attention")
-        return out.probabilities.numpy(), out.heatmaps().numpy()
+    # scores and maps only: the evidence attribution's backward pass would change nothing
+    predict_options: ClassVar[Mapping[str, Any]] = {"evidence": "attention"}
 
     def zero_shot(self, batch: Any, concept_ids: list[str]) -> np.ndarray:
         return zero_shot_scores(self.predictor, batch, concept_ids)

@@ -78,7 +78,7 @@ def attributed_forward(
             eye = torch.eye(c, device=logits.device)  # one backward pass per column, batched
             seeds = eye[:, None, :].expand(c, b, c)  # (C, B, C)
             (grad,) = torch.autograd.grad(logits, bias, seeds, is_grads_batched=True)
-    attribution = grad.permute(1, 0, 2).float()  # (C, B, N) -> (B, C, N)
+    attribution = grad.permute(1, 0, 2)  # (C, B, N) -> (B, C, N), float32 as the bias
     detached = {
         f.name: getattr(out, f.name).detach()
         for f in dataclasses.fields(out)

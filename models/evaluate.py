@@ -136,9 +136,10 @@ def run_evaluation(
         batch_size: images per forward pass (default 32).
         n_boot: bootstrap resamples for the CIs (default 1000).
         deletion: settings of the deletion test (default :class:`DeletionConfig`).
-        evidence: how evidence is ranked, ``"attribution"`` or ``"attention"``
-            (:attr:`Predictor.evidence`; default: the predictor's, ``"attribution"``); the
-            deletion test measures that ranking.
+        evidence: how the deletion test's evidence is ranked, ``"attribution"`` or
+            ``"attention"`` (default: the predictor's :attr:`Predictor.evidence`,
+            ``"attribution"``). Scores and heat maps need neither, so without
+            ``faithfulness`` the attribution's backward pass is skipped.
 
     Returns:
         the report (as written to ``report.json``).
@@ -161,53 +162,7 @@ def run_evaluation(
     annotations = read_bbox_csv(boxes) if boxes is not None else None
     if predictor is None:
         predictor = Predictor.load(checkpoint)
-    # scores and heat maps do not need the attribution's backward pass: only the deletion
-    # test ranks evidence (the caller's predictor gets its setting back at the end)
-    caller_evidence = predictor.evidence
-    predictor.evidence = (evidence or caller_evidence) if faithfulness else "attention"
-    try:
-        return _evaluate(
-            data=data,
-            images=images,
-            out=out,
-            boxes=boxes,
-            faithfulness=faithfulness,
-            split=split,
-            limit=limit,
-            quiet=quiet,
-            json=json,
-            predictor=predictor,
-            batch_size=batch_size,
-            n_boot=n_boot,
-            deletion=deletion,
-            columns=columns,
-            annotations=annotations,
-            started=started,
-        )
-    finally:
-        predictor.evidence = caller_evidence
-
-
-def _evaluate(
-    *,
-    data: Path,
-    images: Path,
-    out: Path,
-    boxes: Path | None,
-    faithfulness: bool,
-    split: str | None,
-    limit: int | None,
-    quiet: bool,
-    json: bool,
-    predictor: Predictor,
-    batch_size: int,
-    n_boot: int,
-    deletion: DeletionConfig | None,
-    columns: list[str],
-    annotations: Any,
-    started: float,
-) -> dict[str, Any]:
-    """The body of :func:`run_evaluation` once its inputs are checked and loaded."""
+    ranked_by = evidence or predictor.evidence
     notes: list[str] = []
 
     # -- data -----------------------------------------------------------------------------
@@ -265,7 +220,7 @@ def _evaluate(
             if not idx:
                 continue
             batch, geometries = predictor.preprocess(arrays)
-            output = predictor.predict(batch)
+            output = predictor.predict(batch, evidence=ranked_by if faithfulness else "attention")
             probs_all.append(output.probabilities.numpy()[:, cols])
             if zero_shot:
                 zs_all.append(zero_shot_scores(predictor, batch, list(zero_shot.values())))
@@ -354,7 +309,7 @@ def _evaluate(
     report["roc"] = ROC_FILE
     if faithfulness:
         report["faithfulness"] = {
-            "evidence": predictor.evidence if predictor.model.gnn is not None else "attention",
+            "evidence": ranked_by if predictor.model.gnn is not None else "attention",
             **summarise_deletion(records, predictor.names, config),
         }
         if not records:

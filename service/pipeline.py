@@ -98,8 +98,8 @@ def preprocess(
 def predict(
     predictor: Predictor, batch: torch.Tensor, texts: Sequence[str | None] | None = None
 ) -> KgdxOutput:
-    """Score a preprocessed batch: a forward pass, and the evidence attribution's backward
-    pass through fusion and decoder unless ``KGDX_EVIDENCE=attention`` (see
+    """Score a preprocessed batch: a forward pass, plus the evidence attribution's backward
+    pass through fusion and decoder with ``KGDX_EVIDENCE=attribution`` (see
     :meth:`Predictor.predict <models.inference.Predictor.predict>`)."""
     return predictor.predict(batch, texts)
 

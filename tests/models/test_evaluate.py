@@ -7,6 +7,7 @@ import csv
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -171,17 +172,22 @@ def test_thresholds_from_the_checkpoint(
 def test_faithfulness_section(tmp_path: Path, predictor: Predictor) -> None:
     data, images, _ = _dataset(tmp_path / "d", n=8)
     config = DeletionConfig(k=2, random_draws=2, n_boot=50)
-    report = run_evaluation(
-        data,
-        images,
-        tmp_path / "o",
-        predictor=predictor,
-        faithfulness=True,
-        deletion=config,
-        n_boot=0,
-        quiet=True,
-        batch_size=3,
-    )
+
+    def evaluate(out: str, **options: Any) -> dict[str, Any]:
+        return run_evaluation(
+            data,
+            images,
+            tmp_path / out,
+            predictor=predictor,
+            faithfulness=True,
+            deletion=config,
+            n_boot=0,
+            quiet=True,
+            batch_size=3,
+            **options,
+        )
+
+    report = evaluate("o")
     faith = report["faithfulness"]
     # known positives: Consolidation rows 5, 7; Effusion rows 2, 3, 6, 7; Opacity row 6
     assert faith["overall"]["n_pairs"] == 7
@@ -195,18 +201,7 @@ def test_faithfulness_section(tmp_path: Path, predictor: Predictor) -> None:
         assert key in faith["overall"]
     assert faith["evidence"] == "attribution"
     # the same test of the attention ranking, and a bad choice refused before any work
-    attention = run_evaluation(
-        data,
-        images,
-        tmp_path / "a",
-        predictor=predictor,
-        faithfulness=True,
-        deletion=config,
-        n_boot=0,
-        quiet=True,
-        batch_size=3,
-        evidence="attention",
-    )
+    attention = evaluate("a", evidence="attention")
     assert attention["faithfulness"]["evidence"] == "attention"
     assert attention["macro_auroc"] == report["macro_auroc"]
     assert attention["faithfulness"]["overall"]["n_pairs"] == 7
@@ -348,3 +343,34 @@ def test_held_out_findings_are_scored_zero_shot(
     expected = per_finding_auroc(scores, y, None, ["Pneumonia"], n_boot=0)["Pneumonia"]
     assert zs["Pneumonia"]["auroc"] == pytest.approx(expected.auroc)
     assert "zero-shot Pneumonia" in capsys.readouterr().out
+
+
+def test_scores_alone_skip_the_attribution(
+    tmp_path: Path, predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the deletion test the evaluation asks for the attention ranking (no backward
+    pass); with it, for the ranking the caller chose."""
+    data, images, _ = _dataset(tmp_path / "d", n=4)
+    asked: list[str | None] = []
+    predict = predictor.predict
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("evidence"))
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(predictor, "predict", spy)
+    run_evaluation(data, images, tmp_path / "o", predictor=predictor, n_boot=0, quiet=True)
+    assert asked and set(asked) == {"attention"}
+    asked.clear()
+    config = DeletionConfig(k=2, random_draws=1, n_boot=0)
+    run_evaluation(
+        data,
+        images,
+        tmp_path / "f",
+        predictor=predictor,
+        n_boot=0,
+        quiet=True,
+        faithfulness=True,
+        deletion=config,
+    )
+    assert asked and set(asked) == {"attribution"}
