@@ -75,6 +75,18 @@ def test_rejects_unknown_edge_type(arrays: GraphArrays, features: torch.Tensor) 
         gnn(features, ei, et + arrays.num_relations)
 
 
+def test_checks_edge_types_again_when_they_change(
+    arrays: GraphArrays, features: torch.Tensor
+) -> None:
+    gnn = _gnn(arrays)
+    ei, et = _tensors(arrays)
+    et = et.clone()
+    gnn(features, ei, et)  # in range: remembered, not read again next step
+    et.add_(arrays.num_relations)  # the same tensor, written in place
+    with pytest.raises(ValueError, match="edge_type"):
+        gnn(features, ei, et)
+
+
 def _bfs(arrays: GraphArrays, seeds: list[int], k: int) -> set[int]:
     adj: dict[int, set[int]] = {i: set() for i in range(arrays.num_nodes)}
     for s, o in arrays.edge_index.T.tolist():
