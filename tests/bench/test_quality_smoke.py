@@ -228,6 +228,12 @@ def test_figures_cover_targets_aims_and_reports(full_run: tuple[int, Path]) -> N
     # 8 pneumonia / normal test rows (Kermany + adult), scored by every chest arm
     assert figs[("pneumonia_auroc", "kg")]["n"].startswith("8 images")
     assert figs[("pneumonia_auroc", "densenet")]["kind"] == "report"
+    # and each source alone, reported: where a miss of the combined figure comes from
+    pediatric = figs[("pneumonia_auroc_pediatric", "kg")]
+    adult = figs[("pneumonia_auroc_adult", "kg")]
+    assert pediatric["kind"] == adult["kind"] == "report"
+    n_pediatric, n_adult = (int(f["n"].split()[0]) for f in (pediatric, adult))
+    assert n_pediatric > 0 and n_adult > 0 and n_pediatric + n_adult == 8
     for pair in ("kg - nokg", "kg10 - nokg10", "kg - plain"):
         f = figs[("nih_macro_diff_" + pair.replace(" - ", "_"), pair)]
         assert f["value"] is not None and f["ci"][0] <= f["value"] <= f["ci"][1]
