@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.checkpoint import write_weights_and_info
-from models.errors import CheckpointError, ConfigError, DataError, ModelError
+from models.errors import CheckpointError, ConfigError, ModelError
 from models.image_encoder import ImageEncoder, ImageEncoderConfig
 from models.losses import auto_pos_weight, masked_bce
 from models.metrics import MIN_POSITIVES, evaluate_classification, macro_auroc
@@ -58,7 +58,7 @@ from models.train_data import (
     normalise_batch,
 )
 from models.trainer import LOG_FILE, TrainResult, param_groups, resolve_device, seed_everything
-from models.transforms import Geometry, Preprocess, PreprocessConfig
+from models.transforms import Geometry, Preprocess, PreprocessConfig, preprocess_images
 
 log = logging.getLogger(__name__)
 
@@ -345,24 +345,7 @@ class BaselinePredictor:
         self, images: Sequence[np.ndarray | torch.Tensor]
     ) -> tuple[torch.Tensor, list[Geometry]]:
         """Decoded grayscale images in [0, 1] -> ``(B, 1, S, S)`` batch and geometries."""
-        if len(images) == 0:
-            raise DataError("no images to preprocess")
-        tensors: list[torch.Tensor] = []
-        geometries: list[Geometry] = []
-        for i, image in enumerate(images):
-            values = (
-                image
-                if isinstance(image, torch.Tensor)
-                else torch.from_numpy(np.asarray(image, dtype=np.float32))
-            )
-            if values.dim() == 3 and values.shape[0] == 1:
-                values = values[0]
-            if values.dim() != 2:
-                raise DataError(f"image {i}: expected a grayscale (H, W) array, got {values.shape}")
-            x, geo = self.preprocessor.with_geometry(values)
-            tensors.append(x)
-            geometries.append(geo)
-        return torch.stack(tensors), geometries
+        return preprocess_images(self.preprocessor, images)
 
     def predict(self, batch: torch.Tensor) -> BaselineOutput:
         """Scores and CAMs of a preprocessed batch, float32 on the CPU."""

@@ -45,7 +45,7 @@ from models.explain import DEFAULT_TOP_K, ImageExplanation, explain_output
 from models.image_encoder import PatchTokens
 from models.model import KgdxModel
 from models.outputs import KgdxOutput
-from models.transforms import Geometry, Preprocess, PreprocessConfig
+from models.transforms import Geometry, Preprocess, PreprocessConfig, preprocess_images
 
 log = logging.getLogger(__name__)
 
@@ -459,27 +459,10 @@ class Predictor:
             returns ``(B, 1, S, S)`` float32 on the CPU and ``B`` :class:`Geometry`.
 
         Raises:
-            DataError: no images, a non-2-D image, NaN or infinite pixels.
+            DataError: no images, a non-2-D image, NaN or infinite pixels, values outside
+                [0, 1].
         """
-        if len(images) == 0:
-            raise DataError("no images to preprocess")
-        tensors: list[torch.Tensor] = []
-        geometries: list[Geometry] = []
-        for i, image in enumerate(images):
-            shape = tuple(image.shape)
-            if len(shape) != 2 and not (len(shape) == 3 and shape[0] == 1):
-                raise DataError(f"image {i}: expected a grayscale (H, W) array, got {shape}")
-            values = (
-                image
-                if isinstance(image, torch.Tensor)
-                else torch.from_numpy(np.asarray(image, dtype=np.float32))
-            )
-            if not bool(torch.isfinite(values).all()):
-                raise DataError(f"image {i}: contains NaN or infinite values")
-            x, geo = self.preprocessor.with_geometry(values)
-            tensors.append(x)
-            geometries.append(geo)
-        return torch.stack(tensors), geometries
+        return preprocess_images(self.preprocessor, images)
 
     def text_tokens(self, texts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """Clinical text -> token embeddings and mask for :meth:`predict`.

@@ -283,6 +283,52 @@ class Preprocess:
         return self.with_geometry(image, generator)[0]
 
 
+def preprocess_images(
+    preprocess: Preprocess, images: Sequence[np.ndarray | torch.Tensor]
+) -> tuple[torch.Tensor, list[Geometry]]:
+    """Decoded grayscale images in [0, 1] -> a model's input batch and their geometries.
+
+    Shapes:
+        images: ``B`` arrays ``(H, W)`` or ``(1, H, W)`` in [0, 1] (sizes may differ);
+        returns ``(B, 1, S, S)`` float32 and ``B`` :class:`Geometry`.
+
+    Raises:
+        DataError: no images, one that is not a 2-D grayscale image, NaN or infinite pixels,
+            or values outside [0, 1] (8-bit pixels not divided by 255, say), which the model
+            would score without complaint and wrongly.
+    """
+    if len(images) == 0:
+        raise DataError("no images to preprocess")
+    tensors: list[torch.Tensor] = []
+    geometries: list[Geometry] = []
+    for i, image in enumerate(images):
+        shape = tuple(image.shape)
+        if len(shape) != 2 and not (len(shape) == 3 and shape[0] == 1):
+            raise DataError(f"image {i}: expected a grayscale (H, W) array, got {shape}")
+        values = (
+            image
+            if isinstance(image, torch.Tensor)
+            else torch.from_numpy(np.asarray(image, dtype=np.float32))
+        )
+        if values.numel():  # one pass: the extremes are NaN or infinite when a pixel is
+            lo, hi = (float(v) for v in torch.aminmax(values.float()))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise DataError(f"image {i}: contains NaN or infinite values")
+            if lo < -_RANGE_SLACK or hi > 1.0 + _RANGE_SLACK:
+                raise DataError(
+                    f"image {i}: pixel values must lie in [0, 1], got [{lo:g}, {hi:g}] "
+                    "(divide 8-bit pixels by 255)"
+                )
+        x, geo = preprocess.with_geometry(values)
+        tensors.append(x)
+        geometries.append(geo)
+    return torch.stack(tensors), geometries
+
+
+#: float rounding a decoder may leave outside [0, 1] (windowing, rescaling)
+_RANGE_SLACK = 1e-3
+
+
 def _as_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(H, W) or (1, H, W) array/tensor -> (1, H, W) float32 tensor (a copy)."""
     x = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.errors import ConfigError, DataError
-from models.transforms import Geometry, Preprocess, PreprocessConfig
+from models.transforms import Geometry, Preprocess, PreprocessConfig, preprocess_images
 
 
 def _cfg(size: int = 32, **kw: object) -> PreprocessConfig:
@@ -151,3 +151,24 @@ def test_letterbox_resize_is_monais_bit_for_bit(hw: tuple[int, int], size: int) 
     content = got[:, top : top + new_h, left : left + new_w]
     assert torch.equal(content, x.clamp(0.0, 1.0))
     assert float(got.sum()) == pytest.approx(float(content.sum()))  # the rest is padding
+
+
+def test_preprocess_images_checks_every_image() -> None:
+    pre = Preprocess(PreprocessConfig(image_size=16))
+    batch, geometries = preprocess_images(
+        pre, [np.full((20, 10), 0.5, np.float32), torch.zeros(1, 8, 8)]
+    )
+    assert batch.shape == (2, 1, 16, 16) and len(geometries) == 2
+    with pytest.raises(DataError, match="no images"):
+        preprocess_images(pre, [])
+    with pytest.raises(DataError, match=r"image 1: expected a grayscale"):
+        preprocess_images(pre, [np.zeros((4, 4)), np.zeros((3, 4, 4))])
+    for bad in (float("nan"), float("inf")):
+        image = np.zeros((4, 4), np.float32)
+        image[1, 2] = bad
+        with pytest.raises(DataError, match="image 0: contains NaN or infinite"):
+            preprocess_images(pre, [image])
+    with pytest.raises(DataError, match=r"must lie in \[0, 1\], got \[0, 255\].*255"):
+        preprocess_images(pre, [np.array([[0, 255], [17, 3]], np.uint8)])
+    with pytest.raises(DataError, match="must lie in"):
+        preprocess_images(pre, [np.full((4, 4), -0.5, np.float32)])
