@@ -18,6 +18,7 @@ the arithmetic overhead without the synchronisation cost.
 
     python bench/train_speed.py [--backbone densenet121] [--image-size 128] [--batch-size 32]
                                 [--steps 20] [--device auto]
+                                [--compile none|default|reduce-overhead]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from kg.tensors import to_arrays  # noqa: E402
 from models.builder import build_model, load_graph, map_targets, model_config  # noqa: E402
 from models.data import NIH_FINDINGS  # noqa: E402
 from models.image_encoder import ImageEncoder, ImageEncoderConfig  # noqa: E402
+from models.inference import amp_dtype  # noqa: E402
 from models.losses import masked_bce  # noqa: E402
 from models.train_config import load_training_config  # noqa: E402
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     kg = build_model(kg_config, arrays, features).to(device).train()
     bare = BareClassifier(kg_config.image, len(targets)).to(device).train()
     cuda = device.type == "cuda"
-    if cuda:  # as models.trainer does on CUDA: channels_last, bf16 autocast, TF32
+    if cuda:  # as models.trainer does on CUDA: channels_last, autocast, TF32
         kg = kg.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         bare = bare.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         torch.backends.cudnn.benchmark = True
@@ -119,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         run_bare = torch.compile(bare, mode=args.compile)  # type: ignore[assignment]
 
     def autocast() -> contextlib.AbstractContextManager[object]:
-        if not cuda:
+        dtype = amp_dtype(device)  # bf16, or fp16 where the GPU lacks it, as the trainer
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=dtype)
 
     size = kg_config.image.image_size
     b, k = args.batch_size, len(targets)
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device {device}, backbone {kg_config.image.backbone}, {size} px, batch {b}, "
         f"{args.steps} timed steps per arm (median), {torch.get_num_threads()} CPU thread(s), "
-        f"{'bf16 autocast, channels_last' if cuda else 'float32'}, compile {args.compile}"
+        f"{f'{amp_dtype(device)} autocast, channels_last' if cuda else 'float32'}, "
+        f"compile {args.compile}"
     )
     print(f"KG model      {kg_ips:8.1f} images/s  ({n_kg / 1e6:.2f} M parameters)")
     print(f"backbone only {bare_ips:8.1f} images/s  ({n_bare / 1e6:.2f} M parameters)")

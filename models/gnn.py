@@ -83,6 +83,18 @@ def add_reverse_edges(
     return torch.cat([edge_index, rev], 1), torch.cat([edge_type, edge_type + num_relations])
 
 
+def check_edge_types(edge_type: torch.Tensor, num_relations: int) -> None:
+    """Raise ``ValueError`` unless every edge type lies in ``[0, num_relations)``."""
+    if not edge_type.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(edge_type))
+    if lo < 0 or hi >= num_relations:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"edge_type holds {bad}, the GNN knows relation types 0 to {num_relations - 1}"
+        )
+
+
 class OntologyGNN(nn.Module):
     r"""Relation-aware GNN over the ontology: concept text features -> entity embeddings.
 
@@ -137,10 +149,6 @@ class OntologyGNN(nn.Module):
                 )
             self.convs.append(conv)
         self.dropout = nn.Dropout(config.dropout)
-        # (address, length, version) of the last edge_type tensor found in range: the model
-        # passes the same graph buffer every step, and its check reads the tensor's maximum,
-        # which on a GPU waits for all queued work
-        self._checked_types: tuple[int, int, int] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -153,9 +161,19 @@ class OntologyGNN(nn.Module):
             nn.init.normal_(self.relation_embedding.weight, std=0.02)
 
     def forward(
-        self, x: torch.Tensor, edge_index: torch.Tensor, edge_type: torch.Tensor
+        self,
+        x: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_type: torch.Tensor,
+        *,
+        types_checked: bool = False,
     ) -> torch.Tensor:
         """Entity embeddings of every node.
+
+        Args:
+            types_checked: the caller has checked ``edge_type`` with
+                :func:`check_edge_types` (a model passing its own graph buffer every step:
+                the check reads the tensor, which on a GPU waits for all queued work).
 
         Shapes:
             x: (N, in_dim), edge_index: (2, E), edge_type: (E,) -> (N, hidden).
@@ -163,13 +181,8 @@ class OntologyGNN(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.config.in_dim:
             raise ValueError(f"x must have shape (N, {self.config.in_dim}), got {tuple(x.shape)}")
         r = self.config.num_relations
-        seen = (edge_type.data_ptr(), edge_type.numel(), edge_type._version)
-        if seen != self._checked_types:
-            if edge_type.numel() and int(edge_type.max()) >= r:
-                raise ValueError(
-                    f"edge_type holds {int(edge_type.max())}, the GNN knows {r} relation types"
-                )
-            self._checked_types = seen
+        if not types_checked:
+            check_edge_types(edge_type, r)
         ei, et = add_reverse_edges(edge_index, edge_type, r)  # (2, 2E), (2E,)
         h = self.input_norm(self.input(x))  # (N, D)
         edge_attr = None

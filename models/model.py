@@ -19,7 +19,7 @@ from models.config import KgdxModelConfig
 from models.decoder import FindingDecoder
 from models.errors import ConfigError, ModelError, UnknownConceptError
 from models.fusion import KnowledgeFusion
-from models.gnn import OntologyGNN, k_hop_subgraph_for
+from models.gnn import OntologyGNN, check_edge_types, k_hop_subgraph_for
 from models.image_encoder import ImageEncoder
 from models.outputs import KgdxOutput
 
@@ -84,6 +84,7 @@ class KgdxModel(nn.Module):
                 torch.as_tensor(arrays.edge_type, dtype=torch.long),
                 persistent=False,
             )
+            check_edge_types(self.edge_type, config.gnn.num_relations)  # once, not per step
             target_nodes = torch.tensor([index[t] for t in config.targets], dtype=torch.long)
         else:
             if arrays is not None:
@@ -177,7 +178,9 @@ class KgdxModel(nn.Module):
         if self.gnn is None:
             assert self.label_embeddings is not None
             return self.label_embeddings  # (K, D): the ablation's entities are the labels
-        h = self.gnn(self.node_features, self.edge_index, self.edge_type)  # (N, hidden)
+        h = self.gnn(
+            self.node_features, self.edge_index, self.edge_type, types_checked=True
+        )  # (N, hidden)
         return self.entity_proj(h)  # (N, D)
 
     def cache_entities(self) -> torch.Tensor:

@@ -293,9 +293,9 @@ def preprocess_images(
         returns ``(B, 1, S, S)`` float32 and ``B`` :class:`Geometry`.
 
     Raises:
-        DataError: no images, one that is not a 2-D grayscale image, NaN or infinite pixels,
-            or values outside [0, 1] (8-bit pixels not divided by 255, say), which the model
-            would score without complaint and wrongly.
+        DataError: no images, one that is not a 2-D grayscale image, an empty one, integer
+            pixels, NaN or infinite pixels, or values outside [0, 1] (8-bit pixels not
+            divided by 255, say), which the model would score without complaint and wrongly.
     """
     if len(images) == 0:
         raise DataError("no images to preprocess")
@@ -305,20 +305,26 @@ def preprocess_images(
         shape = tuple(image.shape)
         if len(shape) != 2 and not (len(shape) == 3 and shape[0] == 1):
             raise DataError(f"image {i}: expected a grayscale (H, W) array, got {shape}")
-        values = (
-            image
-            if isinstance(image, torch.Tensor)
-            else torch.from_numpy(np.asarray(image, dtype=np.float32))
-        )
-        if values.numel():  # one pass: the extremes are NaN or infinite when a pixel is
-            lo, hi = (float(v) for v in torch.aminmax(values.float()))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise DataError(f"image {i}: contains NaN or infinite values")
-            if lo < -_RANGE_SLACK or hi > 1.0 + _RANGE_SLACK:
-                raise DataError(
-                    f"image {i}: pixel values must lie in [0, 1], got [{lo:g}, {hi:g}] "
-                    "(divide 8-bit pixels by 255)"
-                )
+        values: torch.Tensor | None
+        if isinstance(image, torch.Tensor):
+            values, floating, dtype = image, image.is_floating_point(), str(image.dtype)[6:]
+        else:
+            array = np.asarray(image)
+            floating, dtype = array.dtype.kind == "f", str(array.dtype)
+            values = torch.from_numpy(np.ascontiguousarray(array, np.float32)) if floating else None
+        if not floating or values is None:
+            raise DataError(
+                f"image {i}: expected float pixel values in [0, 1], got {dtype} "
+                "(divide 8-bit pixels by 255, 16-bit ones by 65535)"
+            )
+        if not values.numel():
+            raise DataError(f"image {i}: is empty, shape {shape}")
+        # one pass: the extremes are NaN or infinite when a pixel is
+        lo, hi = (float(v) for v in torch.aminmax(values.float()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise DataError(f"image {i}: contains NaN or infinite values")
+        if lo < -_RANGE_SLACK or hi > 1.0 + _RANGE_SLACK:
+            raise DataError(f"image {i}: pixel values must lie in [0, 1], got [{lo:g}, {hi:g}]")
         x, geo = preprocess.with_geometry(values)
         tensors.append(x)
         geometries.append(geo)

@@ -8,7 +8,13 @@ import torch
 
 from kg.tensors import GraphArrays
 from models.errors import ConfigError, UnknownConceptError
-from models.gnn import OntologyGNN, OntologyGNNConfig, add_reverse_edges, k_hop_subgraph_for
+from models.gnn import (
+    OntologyGNN,
+    OntologyGNNConfig,
+    add_reverse_edges,
+    check_edge_types,
+    k_hop_subgraph_for,
+)
 
 
 def _gnn(arrays: GraphArrays, **kw: object) -> OntologyGNN:
@@ -75,16 +81,29 @@ def test_rejects_unknown_edge_type(arrays: GraphArrays, features: torch.Tensor) 
         gnn(features, ei, et + arrays.num_relations)
 
 
-def test_checks_edge_types_again_when_they_change(
-    arrays: GraphArrays, features: torch.Tensor
-) -> None:
+def test_rejects_negative_edge_type(arrays: GraphArrays, features: torch.Tensor) -> None:
     gnn = _gnn(arrays)
     ei, et = _tensors(arrays)
     et = et.clone()
-    gnn(features, ei, et)  # in range: remembered, not read again next step
+    et[3] = -1
+    with pytest.raises(ValueError, match="edge_type holds -1"):
+        gnn(features, ei, et)
+
+
+def test_checks_every_call_unless_told(arrays: GraphArrays, features: torch.Tensor) -> None:
+    gnn = _gnn(arrays)
+    ei, et = _tensors(arrays)
+    et = et.clone()
+    gnn(features, ei, et)
     et.add_(arrays.num_relations)  # the same tensor, written in place
     with pytest.raises(ValueError, match="edge_type"):
         gnn(features, ei, et)
+    with torch.inference_mode():  # inference tensors are checked too
+        with pytest.raises(ValueError, match="edge_type"):
+            gnn(features, ei, et.clone())
+        assert gnn(features, ei, et.clone() % arrays.num_relations).shape[0] == len(features)
+    with pytest.raises(ValueError, match="relation types 0 to"):
+        check_edge_types(et, arrays.num_relations)
 
 
 def _bfs(arrays: GraphArrays, seeds: list[int], k: int) -> set[int]:

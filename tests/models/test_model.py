@@ -132,10 +132,10 @@ def test_entities_computed_once_and_cached(
     calls = 0
     original = model.gnn.forward
 
-    def counted(*args: torch.Tensor) -> torch.Tensor:
+    def counted(*args: torch.Tensor, **kwargs: bool) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(model.gnn, "forward", counted)
     images = _images(8)

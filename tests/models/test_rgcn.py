@@ -55,3 +55,23 @@ def test_refuses_what_it_does_not_compute() -> None:
     conv = FusedRGCNConv(4, 4, num_relations=2)
     with pytest.raises(ValueError, match="float"):
         conv(torch.arange(3), torch.tensor([[0], [1]]), torch.tensor([0]))
+
+
+def test_counts_many_neighbours_in_half_precision() -> None:
+    """A node with 999 neighbours of one type: bfloat16 alone would stop counting at 256."""
+    ref, fused = _pair(None)
+    ref, fused = ref.float(), fused.float()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 12, generator=g)
+    ei = torch.stack(
+        [torch.randint(0, 50, (999,), generator=g), torch.zeros(999, dtype=torch.long)]
+    )
+    et = torch.zeros(999, dtype=torch.long)
+    want = ref(x, ei, et)[0]
+    got = fused.to(torch.bfloat16)(x.to(torch.bfloat16), ei, et)[0].float()
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+
+
+def test_refuses_the_reverse_flow() -> None:
+    with pytest.raises(ValueError, match="source to target"):
+        FusedRGCNConv(4, 4, num_relations=2, flow="target_to_source")

@@ -168,7 +168,13 @@ def test_preprocess_images_checks_every_image() -> None:
         image[1, 2] = bad
         with pytest.raises(DataError, match="image 0: contains NaN or infinite"):
             preprocess_images(pre, [image])
-    with pytest.raises(DataError, match=r"must lie in \[0, 1\], got \[0, 255\].*255"):
-        preprocess_images(pre, [np.array([[0, 255], [17, 3]], np.uint8)])
+    with pytest.raises(DataError, match=r"image 0: expected float pixel values.*uint8.*255"):
+        preprocess_images(pre, [np.array([[0, 1], [1, 0]], np.uint8)])  # even all <= 1
+    with pytest.raises(DataError, match=r"expected float pixel values.*int16"):
+        preprocess_images(pre, [torch.zeros(4, 4, dtype=torch.int16)])
+    with pytest.raises(DataError, match=r"image 1: is empty"):
+        preprocess_images(pre, [np.zeros((4, 4), np.float32), np.zeros((0, 4), np.float32)])
+    with pytest.raises(DataError, match=r"must lie in \[0, 1\], got \[0, 255\]"):
+        preprocess_images(pre, [np.array([[0, 255], [17, 3]], np.float32)])
     with pytest.raises(DataError, match="must lie in"):
         preprocess_images(pre, [np.full((4, 4), -0.5, np.float32)])
