@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The kgdx CLI, exactly as the ``kgdx`` console script runs it.
@@ -59,12 +60,6 @@ def die_with_parent() -> None:
 
 class KgdxServerError(RuntimeError):
     """The server did not start or answer; the message carries the tail of its log."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def child_env(home: Path, settings: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,8 @@ from itertools import count
 from pathlib import Path
 
 import psycopg
+
+from tests.ports import free_port
 
 #: Environment variable naming an existing server to test against instead.
 ENV_URL = "KGDX_TEST_PG_URL"
@@ -74,12 +75,6 @@ def find_bindir() -> Path | None:
             return Path(d)
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb else None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
