@@ -127,7 +127,8 @@ ZERO_SHOT = ("Edema", "Effusion")  # removed from training in the zeroshot arm
 PNEUMONIA = "Pneumonia"
 PNEUMONIA_SOURCES = ("kermany_pediatric_cxr", "covid_chestxray_dataset")
 #: Each pneumonia source reported alone too: (figure key suffix, label). The adult rows are
-#: few and almost all pneumonia in training (67 of 74), so a model can learn the source.
+#: few and almost all pneumonia in training (67 pneumonia, 6 normal), so a model can learn
+#: the source.
 PNEUMONIA_SUBSETS = {
     "kermany_pediatric_cxr": ("pediatric", "Kermany pediatric"),
     "covid_chestxray_dataset": ("adult", "covid-chestxray adult"),
