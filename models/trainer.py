@@ -638,7 +638,11 @@ class _Loop:
                     bce = masked_bce(out.logits.float(), y, m, self.pos_weight)
                     con = self._contrastive(batch.indices)
                     loss = bce if con is None else bce + self.tc.contrastive_weight * con
-                value = float(loss.detach())
+                # one device-to-host read a step (each read waits for the GPU's queue)
+                parts = [loss, bce] if con is None else [loss, bce, con]
+                value, bce_value, *con_value = torch.stack(
+                    [t.detach().float() for t in parts]
+                ).tolist()
                 if not np.isfinite(value):
                     raise _NonFinite(self.epoch + 1, i + 1)
                 self.scaler.scale(loss / group_size).backward()
@@ -650,9 +654,9 @@ class _Loop:
                 n = len(batch.indices)
                 seen += n
                 total_loss += value * n
-                total_bce += float(bce.detach()) * n
-                if con is not None:
-                    total_con += float(con.detach()) * n
+                total_bce += bce_value * n
+                if con_value:
+                    total_con += con_value[0] * n
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
                 if group_left == 0 and deadline is not None and time.monotonic() > deadline:
