@@ -211,9 +211,9 @@ class FindingDecoder(nn.Module):
         h = h.expand(tokens.shape[0], -1, -1)  # (B, K, D)
         attn = attn.expand(tokens.shape[0], -1, -1)  # (B, K, S)
         cfg = self.config
-        logits = torch.zeros(h.shape[:2], dtype=h.dtype, device=h.device)  # (B, K)
-        if cfg.global_logit:
-            logits = self.head(self.norm(h)).squeeze(-1)
+        logits = (  # (B, K)
+            self.head(self.norm(h)).squeeze(-1) if cfg.global_logit else h.new_zeros(h.shape[:2])
+        )
         if logit_bias is not None:
             logits = logits + logit_bias
         if self.patch_query is not None:

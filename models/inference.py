@@ -528,30 +528,21 @@ class Predictor:
         method = self.evidence if evidence is None else evidence
         if method not in EVIDENCE_METHODS:
             raise ModelError(f"evidence must be one of {list(EVIDENCE_METHODS)}, got {method!r}")
-        if entity_mask is None and method == "attribution" and self.model.gnn is not None:
-            return self._predict_attributed(batch, texts)
-        with torch.inference_mode():
+        with torch.no_grad():  # ordinary tensors: the attribution's backward pass reads them
             x = batch.to(self.device, non_blocking=True)
             tokens = mask = None
             if texts is not None and any(isinstance(t, str) and t.strip() for t in texts):
                 tokens, mask = self.text_tokens(texts)
+        if entity_mask is None and method == "attribution" and self.model.gnn is not None:
+            # autograd on, no autocast: in half precision small gradients round to zero and
+            # the ranking loses its order
+            return output_to_cpu(attributed_forward(self.model, x, tokens, mask))
+        with torch.inference_mode():
             if entity_mask is not None:
                 entity_mask = entity_mask.to(self.device)
             with amp_context(self.device):
                 out = self.model(x, tokens, mask, entity_mask=entity_mask)
         return output_to_cpu(out)
-
-    def _predict_attributed(
-        self, batch: torch.Tensor, texts: Sequence[str | None] | None
-    ) -> KgdxOutput:
-        """:meth:`predict` with the evidence attribution: autograd on, no autocast (in half
-        precision small gradients round to zero and the ranking loses its order)."""
-        with torch.no_grad():
-            x = batch.to(self.device, non_blocking=True)
-            tokens = mask = None
-            if texts is not None and any(isinstance(t, str) and t.strip() for t in texts):
-                tokens, mask = self.text_tokens(texts)
-        return output_to_cpu(attributed_forward(self.model, x, tokens, mask))
 
     def _check_batch(self, batch: torch.Tensor) -> None:
         s = self.image_size
