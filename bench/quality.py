@@ -340,6 +340,8 @@ def arm_config(arm: Arm, opts: Options) -> TrainingConfig:
             f"data.train_split={q(TRAIN_SPLIT)}",
             f"data.val_fraction={VAL_FRACTION}",
             f"data.split_seed={SPLIT_SEED}",
+            # the training rows' boxes, when the recipe supervises heat maps with them
+            f"data.boxes={q(str(paths.boxes))}",
         ]
     own = list(arm.overrides)
     if arm.name == "zeroshot":
@@ -354,10 +356,16 @@ def arm_config(arm: Arm, opts: Options) -> TrainingConfig:
             "data.label_fraction=1.0",
             "data.exclude_findings=[]",
             f"model.image.image_size={MNIST_IMAGE_SIZE}",
+            "train.box_weight=0.0",
         ]
-    # the chest data's patient-wise carve-out and source filter do not apply to an npz file
-    # (its own val arrays, one source): removed before the mnist arm's own overrides
-    drop = ("data.val_fraction", "data.stratify", "data.sources") if arm.data == "mnist" else ()
+    # the chest data's patient-wise carve-out, source filter and boxes do not apply to an npz
+    # file (its own val arrays, one source, no boxes): removed before the mnist arm's own
+    # overrides
+    drop = (
+        ("data.val_fraction", "data.stratify", "data.sources", "data.boxes")
+        if arm.data == "mnist"
+        else ()
+    )
     config = _load_config(
         opts.config, [*base, *opts.sets], drop, [*own, *opts.arm_sets.get(arm.name, [])]
     )
@@ -654,6 +662,7 @@ _COMPARED_KEYS = (
     "train.patience",
     "train.pos_weight",
     "train.seed",
+    "train.box_weight",
     "data.label_names",
     "data.label_fraction",
     "data.exclude_findings",
@@ -666,11 +675,15 @@ _COMPARED_KEYS = (
 )
 
 
+#: Keys newer than some checkpoints: a checkpoint without one trained with this value.
+_ADDED_KEYS: dict[str, Any] = {"train.box_weight": 0.0}
+
+
 def _get(tree: dict[str, Any], key: str) -> Any:
     node: Any = tree
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
-    return node
+    return _ADDED_KEYS.get(key) if node is None else node
 
 
 def reuse_caveats(arm: Arm, config: TrainingConfig, directory: Path) -> list[str]:

@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from models.box_supervision import box_attention_loss, training_boxes
 from models.checkpoint import write_weights_and_info
 from models.errors import CheckpointError, ConfigError, ModelError
 from models.image_encoder import ImageEncoder, ImageEncoderConfig
@@ -402,7 +403,8 @@ def train_baseline(
     norms), warm-up + cosine per optimiser step, gradient accumulation and clipping,
     ``pos_weight``, ``freeze`` (``backbone`` / ``head_only``: only the classifier trains),
     early stopping on the val macro AUROC with ``patience``, ``max_minutes``, ``seed``,
-    ``bootstrap``, ``save_dtype``, ``threads``, AMP on CUDA. The contrastive loss does not apply.
+    ``bootstrap``, ``save_dtype``, ``threads``, AMP on CUDA, and the box loss on the CAMs
+    (``train.box_weight``, :mod:`models.box_supervision`). The contrastive loss does not apply.
 
     Args:
         config: a checked training config (the kgdx recipe).
@@ -429,6 +431,7 @@ def train_baseline(
         torch.set_num_threads(tc.threads)  # as the kgdx trainer: fewer threads on a busy CPU
     data = build_datasets(config.data, preprocess, seed=tc.seed, strict=strict)
     names = list(data.label_names)
+    boxes = training_boxes(config, data)
     seed_everything(tc.seed)
     model = BaselineClassifier(
         BaselineConfig(targets=names, backbone=chosen, image_size=preprocess.image_size)
@@ -516,10 +519,20 @@ def train_baseline(
                 params = draw_augmentation(data.train, batch.indices, preprocess)
                 x = prepare(batch.images, params)
                 with autocast():
-                    logits = model(x).logits.float()
+                    output = model(x)
                     loss = masked_bce(
-                        logits, batch.labels.to(device), batch.mask.to(device), pos_weight
+                        output.logits.float(),
+                        batch.labels.to(device),
+                        batch.mask.to(device),
+                        pos_weight,
                     )
+                    if boxes is not None:  # the CAM's softmax over cells is its heat map
+                        cam = output.cam.float()
+                        target, has = boxes.cell_targets(
+                            batch.indices, cam.shape[1], cam.shape[-2:], params, device
+                        )
+                        maps = torch.softmax(cam.flatten(2), dim=-1)  # (B, K, rows * cols)
+                        loss = loss + tc.box_weight * box_attention_loss(maps, target, has)
                 value = float(loss.detach())
                 if not np.isfinite(value):
                     kept = f"; the best checkpoint is kept at {out}" if run.best_epoch else ""

@@ -73,6 +73,7 @@ class DataConfig:
     sources: list[str] | None = None  # keep rows whose ``source`` starts with one of these
     cache_images: bool = False  # keep resized images in memory as uint8 (fast CPU epochs)
     verify: str = "header"  # image check when the dataset is built (none|exists|header|decode)
+    boxes: str | None = None  # BBox_List_2017.csv(.gz): training boxes for train.box_weight
 
     def __post_init__(self) -> None:
         _choice("data.kind", self.kind, DATA_KINDS)
@@ -106,6 +107,8 @@ class DataConfig:
                 "data.val_fraction and data.stratify need patient ids; an npz file has its "
                 "own train / val arrays (data.train_split / data.val_split)"
             )
+        if self.boxes is not None and self.kind == "npz":
+            raise ConfigError("data.boxes needs a labels CSV (data.kind 'csv' or 'dicom')")
         if self.sources is not None and not self.sources:
             raise ConfigError("data.sources is empty; leave it out to keep every source")
 
@@ -153,6 +156,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers (uncached data only)
     contrastive_weight: float = 0.0  # image-report loss weight (needs a ``report`` column)
     contrastive_temperature: float = 0.07  # softmax temperature of the contrastive loss
+    box_weight: float = 0.0  # heat-map box loss weight (needs data.boxes; models/box_supervision)
     max_minutes: float | None = None  # wall-clock budget; stops after the step that passes it
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int | None = None  # CPU threads of torch (None: its default, one per core)
@@ -199,6 +203,10 @@ class TrainConfig:
         if self.contrastive_weight < 0:
             raise ConfigError(
                 f"train.contrastive_weight must be >= 0, got {self.contrastive_weight}"
+            )
+        if not (math.isfinite(self.box_weight) and self.box_weight >= 0):
+            raise ConfigError(
+                f"train.box_weight must be a finite number >= 0, got {self.box_weight}"
             )
         if not self.contrastive_temperature > 0:
             raise ConfigError(
@@ -326,6 +334,9 @@ def config_from_dict(
     data.labels = resolve.file(data.labels, "data.labels")
     data.npz = resolve.file(data.npz, "data.npz")
     data.images = resolve.folder(data.images, "data.images")
+    data.boxes = resolve.file(data.boxes, "data.boxes")
+    if train.box_weight > 0 and not data.boxes:
+        raise ConfigError("train.box_weight > 0 needs data.boxes (the bounding-box CSV)")
     ontology.spec = resolve.ontology(ontology.spec)
     if ontology.label_map:
         ontology.label_map = resolve.file(ontology.label_map, "ontology.label_map")

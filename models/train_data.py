@@ -390,17 +390,17 @@ def draw_augmentation(
     return params.float()
 
 
-def augment_batch(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Random affine (about the centre, zero padding, bilinear) and brightness / contrast,
-    as :meth:`Preprocess.augment` does per image, on a whole batch.
+def warp_batch(images: torch.Tensor, params: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """The geometric part of :func:`augment_batch` (rotation, shift, zoom about the centre,
+    zero padding), on any number of channels: images, or masks that must follow them.
 
     Shapes:
-        images: (B, 1, S, S) in [0, 1]; params: (B, 6) from :func:`draw_augmentation`;
-        returns (B, 1, S, S) in [0, 1].
+        images: (B, C, S, S); params: (B, 6) from :func:`draw_augmentation`;
+        returns (B, C, S, S).
     """
-    b, _, h, w = images.shape
+    b, c, h, w = images.shape
     p = params.to(device=images.device, dtype=torch.float32)
-    angle, tx, ty, zoom, factor, offset = p.unbind(1)
+    angle, tx, ty, zoom = p[:, 0], p[:, 1], p[:, 2], p[:, 3]
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     # affine_grid maps output coordinates to input ones in [-1, 1]: the inverse transform
     tx_n, ty_n = 2.0 * tx / w, 2.0 * ty / h
@@ -411,8 +411,23 @@ def augment_batch(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         ],
         1,
     )  # (B, 2, 3)
-    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+    return F.grid_sample(
+        images.to(torch.float32), grid, mode=mode, padding_mode="zeros", align_corners=False
+    )
+
+
+def augment_batch(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Random affine (about the centre, zero padding, bilinear) and brightness / contrast,
+    as :meth:`Preprocess.augment` does per image, on a whole batch.
+
+    Shapes:
+        images: (B, 1, S, S) in [0, 1]; params: (B, 6) from :func:`draw_augmentation`;
+        returns (B, 1, S, S) in [0, 1].
+    """
+    b = images.shape[0]
+    x = warp_batch(images, params)
+    _, _, _, _, factor, offset = params.to(device=images.device, dtype=torch.float32).unbind(1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     x = (x - mean) * factor.view(b, 1, 1, 1) + mean + offset.view(b, 1, 1, 1)
     return x.clamp_(0.0, 1.0)

@@ -48,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kg.tensors import GraphArrays, to_arrays
+from models.box_supervision import BoxTargets, box_attention_loss, training_boxes
 from models.builder import (
     build_model,
     load_graph,
@@ -269,6 +270,7 @@ class _Prepared:
     encoder_id: str | None
     preprocess: PreprocessConfig
     reports: ReportFeatures | None
+    boxes: BoxTargets | None = None  # training boxes for the heat-map loss (train.box_weight)
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -352,6 +354,8 @@ def prepare(
         else:
             log.warning("train.contrastive_weight ignored: the training rows have no report")
 
+    boxes = training_boxes(config, data)
+
     seed_everything(tc.seed)
     model = build_model(final, arrays, features)
     return _Prepared(
@@ -368,6 +372,7 @@ def prepare(
         encoder_id=encoder_id,
         preprocess=preprocess,
         reports=reports,
+        boxes=boxes,
     )
 
 
@@ -599,7 +604,7 @@ class _Loop:
         ds.set_epoch(self.epoch)
         self._set_train_mode()
         accum = self.tc.grad_accum
-        total_loss = total_bce = total_con = 0.0
+        total_loss = total_bce = total_con = total_box = 0.0
         seen = 0
         out_of_time = False
         t0 = time.monotonic()
@@ -638,11 +643,16 @@ class _Loop:
                     bce = masked_bce(out.logits.float(), y, m, self.pos_weight)
                     con = self._contrastive(batch.indices)
                     loss = bce if con is None else bce + self.tc.contrastive_weight * con
+                    box = self._box_loss(out.patch_attention, out.grid, batch.indices, params)
+                    if box is not None:
+                        loss = loss + self.tc.box_weight * box
                 # one device-to-host read a step (each read waits for the GPU's queue)
-                parts = [loss, bce] if con is None else [loss, bce, con]
-                value, bce_value, *con_value = torch.stack(
-                    [t.detach().float() for t in parts]
+                extra = [t for t in (con, box) if t is not None]
+                value, bce_value, *extra_values = torch.stack(
+                    [t.detach().float() for t in [loss, bce, *extra]]
                 ).tolist()
+                con_value = extra_values[:1] if con is not None else []
+                box_value = extra_values[-1:] if box is not None else []
                 if not np.isfinite(value):
                     raise _NonFinite(self.epoch + 1, i + 1)
                 self.scaler.scale(loss / group_size).backward()
@@ -657,6 +667,8 @@ class _Loop:
                 total_bce += bce_value * n
                 if con_value:
                     total_con += con_value[0] * n
+                if box_value:
+                    total_box += box_value[0] * n
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
                 if group_left == 0 and deadline is not None and time.monotonic() > deadline:
@@ -672,7 +684,24 @@ class _Loop:
         }
         if self.p.reports is not None:
             stats["train_contrastive"] = total_con / max(seen, 1)
+        if self.p.boxes is not None:
+            stats["train_box"] = total_box / max(seen, 1)
         return stats, out_of_time
+
+    def _box_loss(
+        self,
+        attention: torch.Tensor,
+        grid: tuple[int, int],
+        indices: torch.Tensor,
+        params: torch.Tensor,
+    ) -> torch.Tensor | None:
+        boxes = self.p.boxes
+        if boxes is None:
+            return None
+        target, has = boxes.cell_targets(
+            indices, attention.shape[1], grid, params, device=self.device
+        )
+        return box_attention_loss(attention, target, has)
 
     def _contrastive(self, indices: torch.Tensor) -> torch.Tensor | None:
         reports = self.p.reports

@@ -145,6 +145,9 @@ def test_overrides(setup: dict[str, Path]) -> None:
         ("[model.image]\npretrained_path = 'nope.safetensors'\n", r"pretrained_path: .*not found"),
         ("[ontology]\nspec = 'missing.obo'\n", r"ontology\.spec: .*missing\.obo not found"),
         ("[ontology]\nlabel_map = 'missing.csv'\n", r"ontology\.label_map: .*not found"),
+        ("[train]\nbox_weight = 0.5\n", r"train\.box_weight > 0 needs data\.boxes"),
+        ("[train]\nbox_weight = -1.0\n", r"train\.box_weight must be a finite number >= 0"),
+        ("[train]\nbox_weight = nan\n", r"train\.box_weight must be a finite number"),
     ],
 )
 def test_config_errors(setup: dict[str, Path], tmp_path: Path, extra: str, message: str) -> None:
@@ -172,6 +175,8 @@ def test_config_errors(setup: dict[str, Path], tmp_path: Path, extra: str, messa
         ('labels = "labels.csv"\nimages = "images"\nlabel_names = []', "at least one label"),
         ('labels = "labels.csv"\nimages = "images"\nval_fraction = 1.5', r"val_fraction must be"),
         ('labels = "labels.csv"\nimages = "images"\nlabel_fraction = 0', r"label_fraction must"),
+        ('labels = "labels.csv"\nimages = "images"\nboxes = "none.csv"', r"data\.boxes: .*not found"),
+        ('kind = "npz"\nnpz = "x.npz"\nboxes = "b.csv"', r"data\.boxes needs a labels CSV"),
     ],
 )
 def test_data_errors(setup: dict[str, Path], data: str, message: str) -> None:

@@ -1,0 +1,224 @@
+"""Radiologist boxes of the training images as targets for the findings' heat maps.
+
+Classification labels alone left the heat maps (the patch-pooling weights) pointing at a
+location prior rather than at the findings (MODEL_CARD.md). With ``train.box_weight > 0`` and
+``data.boxes`` naming ``BBox_List_2017.csv(.gz)``, every training image that has boxes adds,
+for each boxed finding that is not a known negative, the loss ``-log(mass of the finding's
+heat map on the box's cells)`` (:func:`box_attention_loss`), weighted by ``box_weight``.
+
+A box's cells are those whose centres lie inside it, as the pointing game counts a hit; a box
+too small to hold a cell centre targets the cell it covers most. Boxes follow each image:
+scaled from the 1,024 px originals to the image, through its letterbox
+(:meth:`~models.transforms.Geometry.box_to_model`), then rasterised and warped by the same
+augmentation as the image (:func:`~models.train_data.warp_batch`). Only training rows get
+boxes here; the validation and test rows' boxes stay for measuring.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.data import CsvImageDataset
+from models.errors import ConfigError, DataError
+from models.localisation import NIH_ORIGINAL_SIZE, Box, read_bbox_csv, scale_box
+from models.train_config import TrainingConfig
+from models.train_data import TrainData, base_preprocess, warp_batch
+from models.transforms import Preprocess
+
+__all__ = ["BoxTargets", "box_attention_loss", "box_targets_for", "training_boxes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BoxTargets:
+    """The boxes of a training dataset, in model-input pixels.
+
+    Attributes:
+        boxes: per dataset index, ``(column, (x, y, w, h))`` pairs: the finding's column in
+            the labels and one of its boxes (a finding may have several).
+        size: side of the model input the boxes are on.
+        n_images: images with at least one box.
+        n_boxes: boxes kept.
+        skipped_negative: boxes dropped because their finding is a known negative there.
+    """
+
+    boxes: list[list[tuple[int, tuple[float, float, float, float]]]]
+    size: int
+    n_images: int
+    n_boxes: int
+    skipped_negative: int = 0
+
+    def cell_targets(
+        self,
+        indices: torch.Tensor,
+        num_labels: int,
+        grid: tuple[int, int],
+        params: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target cells of a batch's boxed findings.
+
+        Args:
+            indices: (B,) dataset indices of the batch.
+            num_labels: ``K``, the label columns.
+            grid: (rows, cols) of the heat maps.
+            params: (B, 6) augmentation parameters of the batch
+                (:func:`~models.train_data.draw_augmentation`), or ``None`` (no augmentation).
+            device: where the results go.
+
+        Returns:
+            ``target`` (B, K, rows * cols) bool, the cells a finding's heat map should weigh,
+            and ``has`` (B, K) bool, the findings with a box in the image.
+        """
+        rows, cols = grid
+        b = len(indices)
+        target = torch.zeros(b, num_labels, rows * cols, dtype=torch.bool)
+        has = torch.zeros(b, num_labels, dtype=torch.bool)
+        pairs: list[tuple[int, int]] = []
+        masks: list[torch.Tensor] = []
+        s = self.size
+        for row, i in enumerate(indices.tolist()):
+            found: dict[int, torch.Tensor] = {}
+            for column, box in self.boxes[i]:
+                mask = found.setdefault(column, torch.zeros(s, s))
+                x0, y0, w, h = box
+                c0, c1 = int(np.floor(x0)), int(np.ceil(x0 + w))
+                r0, r1 = int(np.floor(y0)), int(np.ceil(y0 + h))
+                mask[max(r0, 0) : min(max(r1, r0 + 1), s), max(c0, 0) : min(max(c1, c0 + 1), s)] = 1
+            for column, mask in found.items():
+                pairs.append((row, column))
+                masks.append(mask)
+        if not pairs:
+            return target.to(device), has.to(device)
+        stack = torch.stack(masks).unsqueeze(1)  # (n, 1, S, S)
+        if params is not None:
+            which = torch.tensor([row for row, _ in pairs])
+            stack = warp_batch(stack, params.cpu()[which], mode="nearest")
+        # a hit needs the cell centre inside the box: sample the mask there
+        ys = ((torch.arange(rows) + 0.5) * s / rows).long().clamp_(0, s - 1)
+        xs = ((torch.arange(cols) + 0.5) * s / cols).long().clamp_(0, s - 1)
+        centres = stack[:, 0][:, ys][:, :, xs].flatten(1) > 0.5  # (n, rows * cols)
+        cover = F.adaptive_avg_pool2d(stack, (rows, cols)).flatten(1)  # (n, rows * cols)
+        for n, (row, column) in enumerate(pairs):
+            if bool(centres[n].any()):
+                target[row, column] = centres[n]
+            elif float(cover[n].max()) > 0:  # too small for a centre: its main cell
+                target[row, column] = cover[n] == cover[n].max()
+            else:  # augmented out of view
+                continue
+            has[row, column] = True
+        return target.to(device), has.to(device)
+
+
+def box_targets_for(
+    dataset: CsvImageDataset,
+    boxes_csv: str | Path,
+    preprocess: Preprocess,
+    label_names: Sequence[str] | None = None,
+) -> BoxTargets:
+    """The boxes of ``boxes_csv`` that fall on ``dataset``'s images, in model-input pixels.
+
+    Args:
+        dataset: the training rows (a labels CSV with ``h`` and ``w`` columns; otherwise each
+            boxed image is decoded for its size).
+        boxes_csv: ``BBox_List_2017.csv(.gz)`` (boxes on the 1,024 px NIH originals).
+        preprocess: the letterbox of the training images.
+        label_names: the dataset's label columns (default ``dataset.label_names``); boxes of
+            other findings are ignored.
+
+    Raises:
+        DataError: an unreadable box file, or no box on any of the dataset's images.
+    """
+    names = list(label_names if label_names is not None else dataset.label_names)
+    annotations = read_bbox_csv(boxes_csv)
+    by_image: dict[str, list[tuple[str, Box]]] = defaultdict(list)
+    for a in annotations:
+        by_image[a.image].append((a.finding, a.box))
+    out: list[list[tuple[int, tuple[float, float, float, float]]]] = [[] for _ in dataset.ids]
+    skipped = n_boxes = 0
+    for i, image in enumerate(dataset.ids):
+        found = by_image.get(image)
+        if not found:
+            continue
+        height, width = _image_size(dataset, i)
+        geometry = preprocess.geometry(height, width)
+        for finding, box in found:
+            if finding not in names:
+                continue
+            k = names.index(finding)
+            if dataset.mask[i, k] > 0 and dataset.labels[i, k] <= 0:
+                skipped += 1
+                continue
+            on_image = scale_box(box, NIH_ORIGINAL_SIZE, (height, width))
+            out[i].append((k, geometry.box_to_model(on_image.as_tuple())))
+            n_boxes += 1
+    n_images = sum(1 for b in out if b)
+    if not n_images:
+        raise DataError(
+            f"{boxes_csv}: no box of the findings {', '.join(names)} falls on a training image"
+        )
+    return BoxTargets(out, preprocess.size, n_images, n_boxes, skipped)
+
+
+def training_boxes(config: TrainingConfig, data: TrainData) -> BoxTargets | None:
+    """The training rows' boxes when ``train.box_weight > 0``, else ``None``.
+
+    Raises:
+        ConfigError: box supervision without a labels CSV; DataError: see
+            :func:`box_targets_for`.
+    """
+    if config.train.box_weight <= 0:
+        return None
+    if config.data.boxes is None or not isinstance(data.train, CsvImageDataset):
+        raise ConfigError("train.box_weight > 0 needs data.boxes and a labels CSV")
+    preprocess = base_preprocess(config.preprocess_config())
+    boxes = box_targets_for(data.train, config.data.boxes, preprocess, data.label_names)
+    log.info(
+        "box supervision: %d boxes on %d training images (%d on known negatives skipped)",
+        boxes.n_boxes,
+        boxes.n_images,
+        boxes.skipped_negative,
+    )
+    return boxes
+
+
+def box_attention_loss(
+    attention: torch.Tensor, target: torch.Tensor, has: torch.Tensor
+) -> torch.Tensor:
+    """``-log`` of each boxed finding's heat-map mass on its target cells, averaged.
+
+    Args:
+        attention: (B, K, P) each finding's heat map over the patches (sums to 1).
+        target: (B, K, P) bool target cells (:meth:`BoxTargets.cell_targets`).
+        has: (B, K) bool, the findings that have a box.
+
+    Shapes:
+        returns a scalar tensor (0, still attached to ``attention``, when nothing is boxed).
+    """
+    if attention.shape != target.shape or attention.shape[:2] != has.shape:
+        raise ValueError(
+            f"attention {tuple(attention.shape)}, target {tuple(target.shape)} and has "
+            f"{tuple(has.shape)} do not match"
+        )
+    if not bool(has.any()):
+        return attention.sum() * 0.0
+    mass = (attention.float() * target.to(torch.float32)).sum(-1)[has]  # (n,)
+    return -torch.log(mass.clamp_min(1e-6)).mean()
+
+
+def _image_size(dataset: CsvImageDataset, index: int) -> tuple[int, int]:
+    row = dataset.rows[index]
+    try:
+        return int(row["h"]), int(row["w"])
+    except (KeyError, ValueError):
+        image = dataset.load(index)
+        return int(image.shape[0]), int(image.shape[1])
