@@ -85,12 +85,17 @@ class BaselineConfig:
         backbone: one of :data:`BASELINE_BACKBONES` (default ``"densenet121"``, MONAI).
         image_size: side of the square single-channel input in pixels (default 224).
         name: model name in reports (default ``"plain-<backbone>"``).
+        map_gradient: where a loss on the CAMs (the box loss) sends its gradient in
+            training: ``"all"`` (default) into the classifier and the backbone;
+            ``"projections"`` to the classifier's weights only (the CAM is recomputed from the
+            detached feature map: the same values), as the kgdx decoder's option of that name.
     """
 
     targets: list[str]  # label names, output order
     backbone: str = "densenet121"  # densenet121 | resnet18 | resnet34 | resnet50 | cnn
     image_size: int = 224  # square input side in pixels
     name: str = ""  # model name in reports; "" -> plain-<backbone>
+    map_gradient: str = "all"  # "all" | "projections": what a loss on the CAMs trains
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -104,6 +109,10 @@ class BaselineConfig:
             )
         if self.image_size < 8:
             raise ConfigError(f"baseline image_size must be >= 8, got {self.image_size}")
+        if self.map_gradient not in ("all", "projections"):
+            raise ConfigError(
+                f"baseline map_gradient must be 'all' or 'projections', got {self.map_gradient!r}"
+            )
         if not self.name:
             self.name = f"plain-{self.backbone}"
 
@@ -188,6 +197,8 @@ class BaselineClassifier(nn.Module):
         fmap = torch.relu(self.backbone(images))  # (B, C, h, w)
         logits = self.classifier(fmap.mean(dim=(2, 3)))  # (B, K)
         w, b = self.classifier.weight, self.classifier.bias
+        if self.config.map_gradient == "projections" and torch.is_grad_enabled():
+            fmap = fmap.detach()  # a loss on the CAMs then trains the classifier alone
         cam = torch.einsum("kc,bchw->bkhw", w.to(fmap.dtype), fmap)  # (B, K, h, w)
         cam = cam + b.to(fmap.dtype).view(1, -1, 1, 1)
         return BaselineOutput(logits=logits, probabilities=torch.sigmoid(logits), cam=cam)
@@ -434,7 +445,13 @@ def train_baseline(
     boxes = training_boxes(config, data)
     seed_everything(tc.seed)
     model = BaselineClassifier(
-        BaselineConfig(targets=names, backbone=chosen, image_size=preprocess.image_size)
+        BaselineConfig(
+            targets=names,
+            backbone=chosen,
+            image_size=preprocess.image_size,
+            # the recipe's choice for the kgdx heat map holds for the CAMs too
+            map_gradient=str((config.model.get("decoder") or {}).get("map_gradient", "all")),
+        )
     ).to(device)
     if tc.contrastive_weight > 0:
         log.warning("train.contrastive_weight ignored: the plain classifier has no text side")

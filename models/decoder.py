@@ -49,6 +49,13 @@ class DecoderConfig:
             ``"decoder"`` (default) the finding's decoded query, which has read the whole
             image (and the clinical text); ``"entity"`` the finding's own entity embedding,
             the same for every image, as a CAM's class weights are.
+        map_gradient: with ``patch_pooling``, where a loss on the heat map (the box loss of
+            :mod:`models.box_supervision`) sends its gradient: ``"all"`` (default) through
+            the patch-scoring projections into the decoder, fusion and image encoder;
+            ``"projections"`` to the patch-scoring projections only (in training the map is
+            recomputed from detached queries and patches: the same values, so the logit and
+            the map are unchanged, but the map cannot reshape the features the scores rest
+            on).
     """
 
     layers: int = 2  # decoder blocks
@@ -61,6 +68,7 @@ class DecoderConfig:
     pool_sharpness: float = 5.0  # r of the log-sum-exp pooling
     global_logit: bool = True  # with patch_pooling: add the decoded query's head score
     patch_query: str = "decoder"  # with patch_pooling: "decoder" | "entity"
+    map_gradient: str = "all"  # with patch_pooling: "all" | "projections" (heat-map losses)
 
     def __post_init__(self) -> None:
         if self.layers < 1:
@@ -79,6 +87,10 @@ class DecoderConfig:
         if self.patch_query not in ("decoder", "entity"):
             raise ConfigError(
                 f"decoder.patch_query must be 'decoder' or 'entity', got {self.patch_query!r}"
+            )
+        if self.map_gradient not in ("all", "projections"):
+            raise ConfigError(
+                f"decoder.map_gradient must be 'all' or 'projections', got {self.map_gradient!r}"
             )
         if not self.patch_pooling and (not self.global_logit or self.patch_query != "decoder"):
             raise ConfigError(
@@ -240,9 +252,18 @@ class FindingDecoder(nn.Module):
         """
         assert self.patch_query is not None and self.patch_key is not None
         assert self.patch_norm is not None
-        q = self.patch_query(self.norm(h))  # (B, K, D)
-        k = self.patch_key(self.patch_norm(patches))  # (B, P, D)
-        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, K, P)
+        scores = self._patch_scores(h, patches)  # (B, K, P)
         r = self.config.pool_sharpness
         pooled = (torch.logsumexp(r * scores, dim=-1) - math.log(scores.shape[-1])) / r
+        if self.config.map_gradient == "projections" and torch.is_grad_enabled():
+            # the same scores from detached inputs: a loss on the map trains the projections
+            scores = self._patch_scores(h.detach(), patches.detach())
         return pooled, torch.softmax(r * scores, dim=-1)
+
+    def _patch_scores(self, h: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Scaled dot products of the projected queries and patches: (B, K, P)."""
+        assert self.patch_query is not None and self.patch_key is not None
+        assert self.patch_norm is not None
+        q = self.patch_query(self.norm(h))  # (B, K, D)
+        k = self.patch_key(self.patch_norm(patches))  # (B, P, D)
+        return q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])

@@ -236,3 +236,23 @@ def test_nan_loss_stops_with_a_clear_error(
         train_baseline(
             tiny_training_config(setup), tmp_path / "nan", progress=False, echo=lambda _: None
         )
+
+
+def test_map_gradient_projections_trains_only_the_classifier_from_the_cams() -> None:
+    grads = {}
+    cams = {}
+    for mode in ("all", "projections"):
+        torch.manual_seed(0)
+        model = BaselineClassifier(BaselineConfig(NAMES, "cnn", image_size=32, map_gradient=mode))
+        x = torch.randn(2, 1, 32, 32)
+        out = model(x)
+        out.cam[:, 0, 0, 0].sum().backward()  # a loss on the CAMs alone
+        cams[mode] = out.cam.detach()
+        grads[mode] = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+        assert model.classifier.weight.grad is not None
+        assert model.classifier.weight.grad.abs().sum() > 0
+    assert any(g.abs().sum() > 0 for g in grads["all"])
+    assert not grads["projections"]
+    torch.testing.assert_close(cams["all"], cams["projections"])
+    with pytest.raises(ConfigError, match="map_gradient must be"):
+        BaselineConfig(NAMES, map_gradient="features")

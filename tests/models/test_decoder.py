@@ -142,3 +142,34 @@ def test_patch_only_options_are_checked() -> None:
         DecoderConfig(global_logit=False)
     with pytest.raises(ConfigError, match=r"need decoder\.patch_pooling"):
         DecoderConfig(patch_query="entity")
+
+
+def test_map_gradient_projections_keeps_values_and_trains_only_the_projections() -> None:
+    def build(map_gradient: str) -> FindingDecoder:
+        torch.manual_seed(0)
+        cfg = DecoderConfig(
+            layers=1, heads=4, ffn_mult=2, dropout=0.0, patch_pooling=True,
+            map_gradient=map_gradient,
+        )  # fmt: skip
+        return FindingDecoder(32, cfg).train()
+
+    queries, tokens = torch.randn(3, 32), torch.randn(2, 20, 32)
+    outs = {}
+    for mode in ("all", "projections"):
+        dec = build(mode)
+        t = tokens.clone().requires_grad_(True)
+        out = dec(queries, t, 16)
+        out.patch_attention[..., 0].sum().backward()  # a loss on the map alone
+        outs[mode] = out
+        assert dec.patch_query is not None and dec.patch_query.weight.grad is not None
+        assert dec.patch_query.weight.grad.abs().sum() > 0
+        blocks_grad = [p.grad for p in dec.blocks.parameters() if p.grad is not None]
+        if mode == "all":
+            assert t.grad is not None and t.grad.abs().sum() > 0 and blocks_grad
+        else:  # the map's gradient stops at the projections
+            assert t.grad is None or t.grad.abs().sum() == 0
+            assert all(g.abs().sum() == 0 for g in blocks_grad)
+    torch.testing.assert_close(outs["all"].logits, outs["projections"].logits)
+    torch.testing.assert_close(outs["all"].patch_attention, outs["projections"].patch_attention)
+    with pytest.raises(ConfigError, match="map_gradient must be 'all' or 'projections'"):
+        DecoderConfig(patch_pooling=True, map_gradient="backbone")
