@@ -105,6 +105,7 @@ from models.metrics import (  # noqa: E402
 )
 from models.text_encoder import SupportsEncode  # noqa: E402
 from models.train_config import (  # noqa: E402
+    ADDED_KEYS,
     TrainingConfig,
     apply_override,
     config_from_dict,
@@ -675,15 +676,11 @@ _COMPARED_KEYS = (
 )
 
 
-#: Keys newer than some checkpoints: a checkpoint without one trained with this value.
-_ADDED_KEYS: dict[str, Any] = {"train.box_weight": 0.0}
-
-
 def _get(tree: dict[str, Any], key: str) -> Any:
     node: Any = tree
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
-    return _ADDED_KEYS.get(key) if node is None else node
+    return ADDED_KEYS.get(key) if node is None else node
 
 
 def reuse_caveats(arm: Arm, config: TrainingConfig, directory: Path) -> list[str]:
@@ -730,8 +727,8 @@ def reuse_caveats(arm: Arm, config: TrainingConfig, directory: Path) -> list[str
     keys: list[str] = list(_COMPARED_KEYS)
     if arm.kind == "kgdx":
         keys.append("model")
-    else:
-        keys.append("model.image.image_size")
+    else:  # the plain classifier follows the recipe's image size and map gradient
+        keys += ["model.image.image_size", "model.decoder.map_gradient"]
     changed = [
         f"{k}: {_get(trained, k)!r} (recipe {_get(recipe, k)!r})"
         for k in keys

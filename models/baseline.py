@@ -197,7 +197,7 @@ class BaselineClassifier(nn.Module):
         fmap = torch.relu(self.backbone(images))  # (B, C, h, w)
         logits = self.classifier(fmap.mean(dim=(2, 3)))  # (B, K)
         w, b = self.classifier.weight, self.classifier.bias
-        if self.config.map_gradient == "projections" and torch.is_grad_enabled():
+        if self.config.map_gradient == "projections" and self.training and torch.is_grad_enabled():
             fmap = fmap.detach()  # a loss on the CAMs then trains the classifier alone
         cam = torch.einsum("kc,bchw->bkhw", w.to(fmap.dtype), fmap)  # (B, K, h, w)
         cam = cam + b.to(fmap.dtype).view(1, -1, 1, 1)

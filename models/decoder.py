@@ -52,10 +52,10 @@ class DecoderConfig:
         map_gradient: with ``patch_pooling``, where a loss on the heat map (the box loss of
             :mod:`models.box_supervision`) sends its gradient: ``"all"`` (default) through
             the patch-scoring projections into the decoder, fusion and image encoder;
-            ``"projections"`` to the patch-scoring projections only (in training the map is
-            recomputed from detached queries and patches: the same values, so the logit and
-            the map are unchanged, but the map cannot reshape the features the scores rest
-            on).
+            ``"projections"`` to the patch-scoring projections only, and the output
+            LayerNorm they share with the global head (in training the map is recomputed
+            from detached queries and patches: the same values, so the logit and the map are
+            unchanged, but the map cannot reshape the features the scores rest on).
     """
 
     layers: int = 2  # decoder blocks
@@ -255,7 +255,7 @@ class FindingDecoder(nn.Module):
         scores = self._patch_scores(h, patches)  # (B, K, P)
         r = self.config.pool_sharpness
         pooled = (torch.logsumexp(r * scores, dim=-1) - math.log(scores.shape[-1])) / r
-        if self.config.map_gradient == "projections" and torch.is_grad_enabled():
+        if self.config.map_gradient == "projections" and self.training and torch.is_grad_enabled():
             # the same scores from detached inputs: a loss on the map trains the projections
             scores = self._patch_scores(h.detach(), patches.detach())
         return pooled, torch.softmax(r * scores, dim=-1)

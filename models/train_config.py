@@ -226,6 +226,15 @@ class TrainConfig:
         return 0.05 if self.warmup_fraction is None else self.warmup_fraction
 
 
+#: Keys newer than some saved runs and checkpoints (dotted, as in ``--set``): a config saved
+#: without one was trained with this value.
+ADDED_KEYS: dict[str, Any] = {
+    "train.box_weight": 0.0,
+    "data.boxes": None,
+    "model.decoder.map_gradient": "all",
+}
+
+
 @dataclass
 class TrainingConfig:
     """The whole TOML file, checked; paths absolute.

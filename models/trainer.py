@@ -71,7 +71,7 @@ from models.metrics import (
 from models.model import KgdxModel
 from models.schedule import build_scheduler, warmup_steps_for
 from models.text_encoder import SupportsEncode
-from models.train_config import TrainingConfig
+from models.train_config import ADDED_KEYS, TrainingConfig
 from models.train_data import (
     ImageSource,
     ReportFeatures,
@@ -993,7 +993,7 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
         where = f"{prefix}{key}"
         if where == "source" or where in RESUMABLE_CHANGES:
             continue
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, ADDED_KEYS.get(where)), new.get(key, ADDED_KEYS.get(where))
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(_config_changes(a, b, f"{where}."))
         elif a != b:

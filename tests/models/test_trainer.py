@@ -444,3 +444,17 @@ def test_output_folder_that_is_a_file(setup: dict[str, Path], tmp_path: Path) ->
 
 def test_arrays_fixture_is_the_tiny_graph(arrays: Any) -> None:
     assert arrays.node_ids == to_arrays(tiny_ontology()).node_ids
+
+
+def test_a_run_saved_before_a_key_existed_still_resumes() -> None:
+    from models.trainer import _config_changes
+
+    old = {"train": {"epochs": 2}, "data": {"labels": "l.csv"}, "model": {"decoder": {}}}
+    new: dict[str, dict[str, Any]] = {
+        "train": {"epochs": 2, "box_weight": 0.0},
+        "data": {"labels": "l.csv", "boxes": None},
+        "model": {"decoder": {"map_gradient": "all"}},
+    }
+    assert _config_changes(old, new) == []
+    new["train"]["box_weight"] = 1.0
+    assert _config_changes(old, new) == ["train.box_weight: 0.0 -> 1.0"]
