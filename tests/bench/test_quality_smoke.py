@@ -312,6 +312,9 @@ def test_reusing_a_checkpoint_flags_early_stopping_on_the_test_rows(
     own = tmp_path / "own"
     shutil.copytree(out / "kg", own / "kg")
     model = own / "kg" / quality.MODEL_DIR
+    info = json.loads((model / "checkpoint.json").read_text())
+    del info["extra"]["train_config"]["train"]["box_weight"]  # saved before the key existed
+    (model / "checkpoint.json").write_text(json.dumps(info))
     code = quality.main(
         argv(setup, own, "--arms", "kg", "--force", "--reuse", f"kg={model}"),
         encoder=FakeEncoder(),
