@@ -175,7 +175,7 @@ def test_config_errors(setup: dict[str, Path], tmp_path: Path, extra: str, messa
         ('labels = "labels.csv"\nimages = "images"\nlabel_names = []', "at least one label"),
         ('labels = "labels.csv"\nimages = "images"\nval_fraction = 1.5', r"val_fraction must be"),
         ('labels = "labels.csv"\nimages = "images"\nlabel_fraction = 0', r"label_fraction must"),
-        ('labels = "labels.csv"\nimages = "images"\nboxes = "none.csv"', r"data\.boxes: .*not found"),
+        ('labels = "labels.csv"\nimages = "images"\nboxes = "none.csv"', r"data\.boxes: .*found"),
         ('kind = "npz"\nnpz = "x.npz"\nboxes = "b.csv"', r"data\.boxes needs a labels CSV"),
     ],
 )
