@@ -6,12 +6,13 @@ location prior rather than at the findings (MODEL_CARD.md). With ``train.box_wei
 for each boxed finding that is not a known negative, the loss ``-log(mass of the finding's
 heat map on the box's cells)`` (:func:`box_attention_loss`), weighted by ``box_weight``.
 
-A box's cells are those whose centres lie inside it, as the pointing game counts a hit; a box
-too small to hold a cell centre targets the cell it covers most. Boxes follow each image:
-scaled from the 1,024 px originals to the image, through its letterbox
-(:meth:`~models.transforms.Geometry.box_to_model`), then rasterised and warped by the same
-augmentation as the image (:func:`~models.train_data.warp_batch`). Only training rows get
-boxes here; the validation and test rows' boxes stay for measuring.
+A box's cells are those whose centres lie inside it, edges included, exactly as the pointing
+game counts a hit (each cell centre is taken back through the image's augmentation,
+:func:`~models.train_data.affine_theta`); a box too small to hold a cell centre targets the
+cell it covers most (the box rasterised and warped with the image,
+:func:`~models.train_data.warp_batch`). Boxes are scaled from the 1,024 px originals to the
+image, then through its letterbox (:meth:`~models.transforms.Geometry.box_to_model`). Only
+training rows get boxes here; the validation and test rows' boxes stay for measuring.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from models.data import CsvImageDataset
 from models.errors import ConfigError, DataError
 from models.localisation import NIH_ORIGINAL_SIZE, Box, read_bbox_csv, scale_box
 from models.train_config import TrainingConfig
-from models.train_data import TrainData, base_preprocess, warp_batch
+from models.train_data import TrainData, affine_theta, base_preprocess, warp_batch
 from models.transforms import Preprocess
 
 __all__ = ["BoxTargets", "box_attention_loss", "box_targets_for", "training_boxes"]
@@ -100,23 +101,53 @@ class BoxTargets:
         if not pairs:
             return target.to(device), has.to(device)
         stack = torch.stack(masks).unsqueeze(1)  # (n, 1, S, S)
-        if params is not None:
-            which = torch.tensor([row for row, _ in pairs])
+        which = torch.tensor([row for row, _ in pairs])
+        if params is not None:  # for the coverage of boxes too small to hold a cell centre
             stack = warp_batch(stack, params.cpu()[which], mode="nearest")
-        # a hit needs the cell centre inside the box: sample the mask there
-        ys = ((torch.arange(rows) + 0.5) * s / rows).long().clamp_(0, s - 1)
-        xs = ((torch.arange(cols) + 0.5) * s / cols).long().clamp_(0, s - 1)
-        centres = stack[:, 0][:, ys][:, :, xs].flatten(1) > 0.5  # (n, rows * cols)
+        # a hit needs the cell centre inside a box, as the pointing game counts it: each
+        # centre is taken back through the augmentation to the letterboxed image's pixels
+        points = _cell_centres(rows, cols, s)  # (P, 2) x, y in model-input pixels
+        if params is not None:
+            theta = affine_theta(params.cpu()[which], s, s)  # (n, 2, 3)
+            normal = torch.cat([2.0 * points / s - 1.0, torch.ones(len(points), 1)], 1)
+            sources = (normal @ theta.transpose(1, 2) + 1.0) * s / 2.0  # (n, P, 2)
+        else:
+            sources = points.expand(len(pairs), -1, -1)
         cover = F.adaptive_avg_pool2d(stack, (rows, cols)).flatten(1)  # (n, rows * cols)
         for n, (row, column) in enumerate(pairs):
-            if bool(centres[n].any()):
-                target[row, column] = centres[n]
+            centres = _inside(
+                sources[n], [b for k, b in self.boxes[int(indices[row])] if k == column]
+            )
+            if bool(centres.any()):
+                target[row, column] = centres
             elif float(cover[n].max()) > 0:  # too small for a centre: its main cell
                 target[row, column] = cover[n] == cover[n].max()
             else:  # augmented out of view
                 continue
             has[row, column] = True
         return target.to(device), has.to(device)
+
+
+def _cell_centres(rows: int, cols: int, size: int) -> torch.Tensor:
+    """Cell centres ``((j + 0.5) size / cols, (i + 0.5) size / rows)``, row-major: (P, 2)."""
+    ys = (torch.arange(rows, dtype=torch.float32) + 0.5) * size / rows
+    xs = (torch.arange(cols, dtype=torch.float32) + 0.5) * size / cols
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+
+
+def _inside(
+    points: torch.Tensor, boxes: Sequence[tuple[float, float, float, float]]
+) -> torch.Tensor:
+    """Points (P, 2) inside any box ``(x, y, w, h)``, edges included: (P,) bool."""
+    out = torch.zeros(len(points), dtype=torch.bool)
+    for x, y, w, h in boxes:
+        out |= (
+            (points[:, 0] >= x)
+            & (points[:, 0] <= x + w)
+            & (points[:, 1] >= y)
+            & (points[:, 1] <= y + h)
+        )
+    return out
 
 
 def box_targets_for(

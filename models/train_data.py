@@ -390,6 +390,28 @@ def draw_augmentation(
     return params.float()
 
 
+def affine_theta(params: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The augmentation's ``affine_grid`` matrices: each maps a point of the augmented image to
+    the point of the original it is sampled from, in ``[-1, 1]`` coordinates
+    (``align_corners=False``: a continuous pixel coordinate ``u`` is ``2 u / size - 1``).
+
+    Shapes:
+        params: (B, 6) from :func:`draw_augmentation`; returns (B, 2, 3) float32.
+    """
+    p = params.to(torch.float32)
+    angle, tx, ty, zoom = p[:, 0], p[:, 1], p[:, 2], p[:, 3]
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # affine_grid maps output coordinates to input ones: the inverse transform
+    tx_n, ty_n = 2.0 * tx / width, 2.0 * ty / height
+    return torch.stack(
+        [
+            torch.stack([cos, -sin, -(cos * tx_n - sin * ty_n)], 1),
+            torch.stack([sin, cos, -(sin * tx_n + cos * ty_n)], 1),
+        ],
+        1,
+    )  # (B, 2, 3)
+
+
 def warp_batch(images: torch.Tensor, params: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """The geometric part of :func:`augment_batch` (rotation, shift, zoom about the centre,
     zero padding), on any number of channels: images, or masks that must follow them.
@@ -399,18 +421,7 @@ def warp_batch(images: torch.Tensor, params: torch.Tensor, mode: str = "bilinear
         returns (B, C, S, S).
     """
     b, c, h, w = images.shape
-    p = params.to(device=images.device, dtype=torch.float32)
-    angle, tx, ty, zoom = p[:, 0], p[:, 1], p[:, 2], p[:, 3]
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    # affine_grid maps output coordinates to input ones in [-1, 1]: the inverse transform
-    tx_n, ty_n = 2.0 * tx / w, 2.0 * ty / h
-    theta = torch.stack(
-        [
-            torch.stack([cos, -sin, -(cos * tx_n - sin * ty_n)], 1),
-            torch.stack([sin, cos, -(sin * tx_n + cos * ty_n)], 1),
-        ],
-        1,
-    )  # (B, 2, 3)
+    theta = affine_theta(params.to(images.device), h, w)
     grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
     return F.grid_sample(
         images.to(torch.float32), grid, mode=mode, padding_mode="zeros", align_corners=False

@@ -16,6 +16,7 @@ from models.baseline import train_baseline
 from models.box_supervision import BoxTargets, box_attention_loss, box_targets_for
 from models.data import CsvImageDataset
 from models.errors import DataError
+from models.localisation import Box
 from models.train_data import base_preprocess, warp_batch
 from models.trainer import train_model
 from models.transforms import PreprocessConfig
@@ -194,3 +195,21 @@ def test_the_plain_classifier_supervises_its_cams(setup: dict[str, Any], tmp_pat
     a = json.loads((with_boxes.out_dir / "train_log.jsonl").read_text().splitlines()[0])
     b = json.loads((without.out_dir / "train_log.jsonl").read_text().splitlines()[0])
     assert a["train_loss"] > b["train_loss"]  # same seed and data: the box term is added
+
+
+@pytest.mark.parametrize(("x0", "hit"), [(12.0, True), (12.2, False)])
+def test_a_centre_on_the_box_edge_counts_as_the_pointing_game_does(x0: float, hit: bool) -> None:
+    box = (x0, 0.0, 20.0 - x0, 16.0)  # its left edge at or just right of the centre x = 12
+    target, _ = targets([(0, box)]).cell_targets(torch.tensor([0]), 1, (4, 4))
+    assert (1 in cells(target)) is hit  # cell (0, 1): centre (12, 4)
+    assert Box(*box).contains(12.0, 4.0) is hit
+
+
+def test_augmented_targets_agree_with_the_pointing_game_on_the_warped_image() -> None:
+    # a shift by whole pixels moves the box exactly: the targets are the shifted box's cells
+    params = torch.tensor([[0.0, 8.0, -4.0, 1.0, 1.0, 0.0]])  # 8 px right, 4 px up
+    box = (4.0, 12.0, 8.0, 8.0)
+    target, _ = targets([(0, box)]).cell_targets(torch.tensor([0]), 1, (4, 4), params)
+    moved = Box(12.0, 8.0, 8.0, 8.0)
+    want = {r * 4 + c for r in range(4) for c in range(4) if moved.contains(c * 8 + 4, r * 8 + 4)}
+    assert cells(target) == want and want
