@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.box_supervision import box_attention_loss, training_boxes
+from models.box_supervision import training_boxes
 from models.checkpoint import write_weights_and_info
 from models.errors import CheckpointError, ConfigError, ModelError
 from models.image_encoder import ImageEncoder, ImageEncoderConfig
@@ -544,12 +544,10 @@ def train_baseline(
                         pos_weight,
                     )
                     if boxes is not None:  # the CAM's softmax over cells is its heat map
-                        cam = output.cam.float()
-                        target, has = boxes.cell_targets(
-                            batch.indices, cam.shape[1], cam.shape[-2:], params, device
-                        )
+                        cam = output.cam.float()  # (B, K, rows, cols)
                         maps = torch.softmax(cam.flatten(2), dim=-1)  # (B, K, rows * cols)
-                        loss = loss + tc.box_weight * box_attention_loss(maps, target, has)
+                        grid = (cam.shape[-2], cam.shape[-1])
+                        loss = loss + tc.box_weight * boxes.loss(maps, grid, batch.indices, params)
                 value = float(loss.detach())
                 if not np.isfinite(value):
                     kept = f"; the best checkpoint is kept at {out}" if run.best_epoch else ""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from models.data import CsvImageDataset
 from models.errors import ConfigError, DataError
-from models.localisation import NIH_ORIGINAL_SIZE, Box, read_bbox_csv, scale_box
+from models.localisation import NIH_ORIGINAL_SIZE, Box, cell_centre, read_bbox_csv, scale_box
 from models.train_config import TrainingConfig
 from models.train_data import TrainData, affine_theta, base_preprocess, warp_batch
 from models.transforms import Preprocess
@@ -44,19 +44,25 @@ class BoxTargets:
     """The boxes of a training dataset, in model-input pixels.
 
     Attributes:
-        boxes: per dataset index, ``(column, (x, y, w, h))`` pairs: the finding's column in
-            the labels and one of its boxes (a finding may have several).
+        boxes: per dataset index, ``(column, box)`` pairs: the finding's column in the labels
+            and one of its boxes (a finding may have several).
         size: side of the model input the boxes are on.
-        n_images: images with at least one box.
-        n_boxes: boxes kept.
         skipped_negative: boxes dropped because their finding is a known negative there.
     """
 
-    boxes: list[list[tuple[int, tuple[float, float, float, float]]]]
+    boxes: list[list[tuple[int, Box]]]
     size: int
-    n_images: int
-    n_boxes: int
     skipped_negative: int = 0
+
+    @property
+    def n_images(self) -> int:
+        """Images with at least one box."""
+        return sum(1 for found in self.boxes if found)
+
+    @property
+    def n_boxes(self) -> int:
+        """Boxes kept."""
+        return sum(len(found) for found in self.boxes)
 
     def cell_targets(
         self,
@@ -81,73 +87,72 @@ class BoxTargets:
             and ``has`` (B, K) bool, the findings with a box in the image.
         """
         rows, cols = grid
-        b = len(indices)
-        target = torch.zeros(b, num_labels, rows * cols, dtype=torch.bool)
-        has = torch.zeros(b, num_labels, dtype=torch.bool)
-        pairs: list[tuple[int, int]] = []
-        masks: list[torch.Tensor] = []
         s = self.size
+        target = torch.zeros(len(indices), num_labels, rows * cols, dtype=torch.bool)
+        has = torch.zeros(len(indices), num_labels, dtype=torch.bool)
+        pairs: list[tuple[int, int, list[Box]]] = []  # (batch row, column, its boxes)
         for row, i in enumerate(indices.tolist()):
-            found: dict[int, torch.Tensor] = {}
+            by_column: dict[int, list[Box]] = defaultdict(list)
             for column, box in self.boxes[i]:
-                mask = found.setdefault(column, torch.zeros(s, s))
-                x0, y0, w, h = box
-                c0, c1 = int(np.floor(x0)), int(np.ceil(x0 + w))
-                r0, r1 = int(np.floor(y0)), int(np.ceil(y0 + h))
-                mask[max(r0, 0) : min(max(r1, r0 + 1), s), max(c0, 0) : min(max(c1, c0 + 1), s)] = 1
-            for column, mask in found.items():
-                pairs.append((row, column))
-                masks.append(mask)
+                by_column[column].append(box)
+            pairs += [(row, column, found) for column, found in by_column.items()]
         if not pairs:
             return target.to(device), has.to(device)
-        stack = torch.stack(masks).unsqueeze(1)  # (n, 1, S, S)
-        which = torch.tensor([row for row, _ in pairs])
-        if params is not None:  # for the coverage of boxes too small to hold a cell centre
-            stack = warp_batch(stack, params.cpu()[which], mode="nearest")
-        # a hit needs the cell centre inside a box, as the pointing game counts it: each
-        # centre is taken back through the augmentation to the letterboxed image's pixels
-        points = _cell_centres(rows, cols, s)  # (P, 2) x, y in model-input pixels
+        # a hit needs a cell centre inside a box, as the pointing game counts it: each centre
+        # is taken back through the augmentation to the letterboxed image's pixels
+        centres = torch.tensor(
+            [cell_centre(r, c, grid, s) for r in range(rows) for c in range(cols)]
+        )  # (P, 2)
+        which = torch.tensor([row for row, _, _ in pairs])
         if params is not None:
             theta = affine_theta(params.cpu()[which], s, s)  # (n, 2, 3)
-            normal = torch.cat([2.0 * points / s - 1.0, torch.ones(len(points), 1)], 1)
+            normal = torch.cat([2.0 * centres / s - 1.0, torch.ones(len(centres), 1)], 1)
             sources = (normal @ theta.transpose(1, 2) + 1.0) * s / 2.0  # (n, P, 2)
         else:
-            sources = points.expand(len(pairs), -1, -1)
-        cover = F.adaptive_avg_pool2d(stack, (rows, cols)).flatten(1)  # (n, rows * cols)
-        for n, (row, column) in enumerate(pairs):
-            centres = _inside(
-                sources[n], [b for k, b in self.boxes[int(indices[row])] if k == column]
+            sources = centres.expand(len(pairs), -1, -1)
+        small: list[int] = []  # boxes too small to hold a centre
+        for n, (row, column, found) in enumerate(pairs):
+            hit = torch.tensor(
+                [any(b.contains(x, y) for b in found) for x, y in sources[n].tolist()]
             )
-            if bool(centres.any()):
-                target[row, column] = centres
-            elif float(cover[n].max()) > 0:  # too small for a centre: its main cell
-                target[row, column] = cover[n] == cover[n].max()
-            else:  # augmented out of view
-                continue
-            has[row, column] = True
+            if bool(hit.any()):
+                target[row, column], has[row, column] = hit, True
+            else:
+                small.append(n)
+        if small:  # the cell each covers most, its mask warped with the image
+            masks = torch.stack([_raster(pairs[n][2], s) for n in small]).unsqueeze(1)
+            if params is not None:
+                masks = warp_batch(masks, params.cpu()[which[small]], mode="nearest")
+            cover = F.adaptive_avg_pool2d(masks, (rows, cols)).flatten(1)  # (m, P)
+            for n, c in zip(small, cover, strict=True):
+                if float(c.max()) > 0:  # else augmented out of view
+                    row, column, _ = pairs[n]
+                    target[row, column], has[row, column] = c == c.max(), True
         return target.to(device), has.to(device)
 
-
-def _cell_centres(rows: int, cols: int, size: int) -> torch.Tensor:
-    """Cell centres ``((j + 0.5) size / cols, (i + 0.5) size / rows)``, row-major: (P, 2)."""
-    ys = (torch.arange(rows, dtype=torch.float32) + 0.5) * size / rows
-    xs = (torch.arange(cols, dtype=torch.float32) + 0.5) * size / cols
-    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
-
-
-def _inside(
-    points: torch.Tensor, boxes: Sequence[tuple[float, float, float, float]]
-) -> torch.Tensor:
-    """Points (P, 2) inside any box ``(x, y, w, h)``, edges included: (P,) bool."""
-    out = torch.zeros(len(points), dtype=torch.bool)
-    for x, y, w, h in boxes:
-        out |= (
-            (points[:, 0] >= x)
-            & (points[:, 0] <= x + w)
-            & (points[:, 1] >= y)
-            & (points[:, 1] <= y + h)
+    def loss(
+        self,
+        attention: torch.Tensor,
+        grid: tuple[int, int],
+        indices: torch.Tensor,
+        params: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:func:`box_attention_loss` of a batch's heat maps (B, K, rows * cols) against its
+        boxes (see :meth:`cell_targets`)."""
+        target, has = self.cell_targets(
+            indices, attention.shape[1], grid, params, device=attention.device
         )
-    return out
+        return box_attention_loss(attention, target, has)
+
+
+def _raster(boxes: Sequence[Box], size: int) -> torch.Tensor:
+    """A ``(size, size)`` mask of the pixels the boxes touch."""
+    mask = torch.zeros(size, size)
+    for b in boxes:
+        r0, c0 = int(np.floor(b.y)), int(np.floor(b.x))
+        r1, c1 = max(int(np.ceil(b.y2)), r0 + 1), max(int(np.ceil(b.x2)), c0 + 1)
+        mask[max(r0, 0) : min(r1, size), max(c0, 0) : min(c1, size)] = 1
+    return mask
 
 
 def box_targets_for(
@@ -174,8 +179,8 @@ def box_targets_for(
     by_image: dict[str, list[tuple[str, Box]]] = defaultdict(list)
     for a in annotations:
         by_image[a.image].append((a.finding, a.box))
-    out: list[list[tuple[int, tuple[float, float, float, float]]]] = [[] for _ in dataset.ids]
-    skipped = n_boxes = 0
+    out: list[list[tuple[int, Box]]] = [[] for _ in dataset.ids]
+    skipped = 0
     for i, image in enumerate(dataset.ids):
         found = by_image.get(image)
         if not found:
@@ -190,14 +195,13 @@ def box_targets_for(
                 skipped += 1
                 continue
             on_image = scale_box(box, NIH_ORIGINAL_SIZE, (height, width))
-            out[i].append((k, geometry.box_to_model(on_image.as_tuple())))
-            n_boxes += 1
-    n_images = sum(1 for b in out if b)
-    if not n_images:
+            out[i].append((k, Box(*geometry.box_to_model(on_image.as_tuple()))))
+    targets = BoxTargets(out, preprocess.size, skipped)
+    if not targets.n_images:
         raise DataError(
             f"{boxes_csv}: no box of the findings {', '.join(names)} falls on a training image"
         )
-    return BoxTargets(out, preprocess.size, n_images, n_boxes, skipped)
+    return targets
 
 
 def training_boxes(config: TrainingConfig, data: TrainData) -> BoxTargets | None:

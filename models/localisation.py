@@ -268,6 +268,17 @@ def heatmap_peak(heatmap: Any) -> tuple[int, int]:
     return int(row), int(col)
 
 
+def cell_centre(
+    row: int, col: int, grid: tuple[int, int], size: int | Sequence[int]
+) -> tuple[float, float]:
+    """``(x, y)`` of the centre of heat-map cell ``(row, col)`` of a ``grid`` spanning the
+    model input of ``size`` pixels (a side or ``(height, width)``): the point the pointing
+    game tests."""
+    rows, cols = grid
+    out_h, out_w = _hw(size)
+    return (col + 0.5) * out_w / cols, (row + 0.5) * out_h / rows
+
+
 def pointing_game(
     heatmap: Any,
     boxes: Box | Sequence[Box],
@@ -284,10 +295,7 @@ def pointing_game(
             15 px at 224 px).
     """
     h = _heatmap(heatmap)
-    rows, cols = h.shape
-    out_h, out_w = _hw(size)
-    r, c = heatmap_peak(h)
-    x, y = (c + 0.5) * out_w / cols, (r + 0.5) * out_h / rows
+    x, y = cell_centre(*heatmap_peak(h), h.shape, size)
     return any(b.contains(x, y, tolerance) for b in _boxes(boxes))
 
 

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kg.tensors import GraphArrays, to_arrays
-from models.box_supervision import BoxTargets, box_attention_loss, training_boxes
+from models.box_supervision import BoxTargets, training_boxes
 from models.builder import (
     build_model,
     load_graph,
@@ -696,12 +696,7 @@ class _Loop:
         params: torch.Tensor,
     ) -> torch.Tensor | None:
         boxes = self.p.boxes
-        if boxes is None:
-            return None
-        target, has = boxes.cell_targets(
-            indices, attention.shape[1], grid, params, device=self.device
-        )
-        return box_attention_loss(attention, target, has)
+        return None if boxes is None else boxes.loss(attention, grid, indices, params)
 
     def _contrastive(self, indices: torch.Tensor) -> torch.Tensor | None:
         reports = self.p.reports

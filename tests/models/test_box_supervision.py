@@ -34,7 +34,7 @@ BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h]\n"
 def targets(
     boxes: list[tuple[int, tuple[float, float, float, float]]], size: int = 32
 ) -> BoxTargets:
-    return BoxTargets([boxes], size, 1, len(boxes))
+    return BoxTargets([[(k, Box(*b)) for k, b in boxes]], size)
 
 
 def cells(t: torch.Tensor, k: int = 0) -> set[int]:
@@ -152,7 +152,7 @@ def test_box_targets_from_the_box_file(setup: dict[str, Any]) -> None:
     (column, box), *_ = bt.boxes[i]
     assert column == 0  # Consolidation
     # no h / w columns: the image (40 x 40) was decoded for its size; 32 / 40 = 0.8
-    np.testing.assert_allclose(box, (3.2, 8.0, 9.6, 16.0), atol=1e-6)
+    np.testing.assert_allclose(box.as_tuple(), (3.2, 8.0, 9.6, 16.0), atol=1e-6)
 
 
 def test_no_box_on_the_training_images(setup: dict[str, Any], tmp_path: Path) -> None:
