@@ -449,8 +449,7 @@ def train_baseline(
             targets=names,
             backbone=chosen,
             image_size=preprocess.image_size,
-            # the recipe's choice for the kgdx heat map holds for the CAMs too
-            map_gradient=str((config.model.get("decoder") or {}).get("map_gradient", "all")),
+            map_gradient=_cam_gradient(config),
         )
     ).to(device)
     if tc.contrastive_weight > 0:
@@ -676,3 +675,11 @@ def _validate(
     if not np.isfinite(p).all():
         raise ModelError("validation scores became NaN")
     return p, loss_sum / max(known, 1.0)
+
+
+def _cam_gradient(config: TrainingConfig) -> str:
+    """The recipe's ``decoder.map_gradient`` for the CAMs: the kgdx heat map's choice holds
+    for them too, and ``"fusion"`` (no box gradient into the CNN) is ``"projections"`` here,
+    nothing lying between a plain classifier's CNN and its class weights."""
+    chosen = str((config.model.get("decoder") or {}).get("map_gradient", "all"))
+    return "projections" if chosen == "fusion" else chosen

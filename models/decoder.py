@@ -16,6 +16,9 @@ from torch import nn
 from models.attention import FeedForward, MultiHeadAttention
 from models.errors import ConfigError
 
+#: Where a loss on the heat map may send its gradient (``DecoderConfig.map_gradient``).
+MAP_GRADIENTS = ("all", "projections", "fusion")
+
 
 @dataclass
 class DecoderConfig:
@@ -55,7 +58,10 @@ class DecoderConfig:
             ``"projections"`` to the patch-scoring projections only, and the output
             LayerNorm they share with the global head (in training the map is recomputed
             from detached queries and patches: the same values, so the logit and the map are
-            unchanged, but the map cannot reshape the features the scores rest on).
+            unchanged, but the map cannot reshape the features the scores rest on);
+            ``"fusion"`` to everything after the image encoder (token projection, fusion, GNN,
+            decoder) but not into the CNN: :class:`~models.model.KgdxModel` recomputes the map
+            in training from the detached feature map (a second fusion and decoder pass).
     """
 
     layers: int = 2  # decoder blocks
@@ -68,7 +74,7 @@ class DecoderConfig:
     pool_sharpness: float = 5.0  # r of the log-sum-exp pooling
     global_logit: bool = True  # with patch_pooling: add the decoded query's head score
     patch_query: str = "decoder"  # with patch_pooling: "decoder" | "entity"
-    map_gradient: str = "all"  # with patch_pooling: "all" | "projections" (heat-map losses)
+    map_gradient: str = "all"  # with patch_pooling: "all" | "projections" | "fusion"
 
     def __post_init__(self) -> None:
         if self.layers < 1:
@@ -88,9 +94,10 @@ class DecoderConfig:
             raise ConfigError(
                 f"decoder.patch_query must be 'decoder' or 'entity', got {self.patch_query!r}"
             )
-        if self.map_gradient not in ("all", "projections"):
+        if self.map_gradient not in MAP_GRADIENTS:
             raise ConfigError(
-                f"decoder.map_gradient must be 'all' or 'projections', got {self.map_gradient!r}"
+                f"decoder.map_gradient must be one of {', '.join(MAP_GRADIENTS)}, got "
+                f"{self.map_gradient!r}"
             )
         if not self.patch_pooling and (not self.global_logit or self.patch_query != "decoder"):
             raise ConfigError(

@@ -16,7 +16,7 @@ from torch import nn
 
 from kg.tensors import GraphArrays
 from models.config import KgdxModelConfig
-from models.decoder import FindingDecoder
+from models.decoder import DecoderOutput, FindingDecoder
 from models.errors import ConfigError, ModelError, UnknownConceptError
 from models.fusion import KnowledgeFusion
 from models.gnn import OntologyGNN, check_edge_types, k_hop_subgraph_for
@@ -293,7 +293,50 @@ class KgdxModel(nn.Module):
             logit_bias = self.logit_bias[idx] * known.squeeze(-1)  # (K,)
 
         patches = self.image_encoder(images)
-        v = self.image_proj(patches.tokens) + self.modality[0]  # (B, P, D)
+        dec, fusion_attn = self._fuse_and_decode(
+            patches.tokens, queries, entities, text_tokens, text_mask, logit_bias,
+            entity_mask, entity_bias,
+        )  # fmt: skip
+        patch_attention = dec.patch_attention
+        if (
+            self.config.decoder.map_gradient == "fusion"
+            and self.training
+            and torch.is_grad_enabled()
+        ):
+            # the map again from the detached feature map: a loss on it (the box loss) trains
+            # the token projection, fusion, GNN and decoder, never the CNN
+            patch_attention = self._fuse_and_decode(
+                patches.tokens.detach(), queries, entities, text_tokens, text_mask, logit_bias,
+                entity_mask, entity_bias,
+            )[0].patch_attention  # fmt: skip
+        assert dec.entity_relevance is not None
+        ids = [self.entity_ids[i] for i in nodes.tolist()]
+        return KgdxOutput(
+            logits=dec.logits,
+            probabilities=torch.sigmoid(dec.logits),
+            patch_attention=patch_attention,
+            grid=patches.grid,
+            entity_relevance=dec.entity_relevance,
+            concept_ids=ids,
+            entity_ids=self.entity_ids,
+            fusion_attention=fusion_attn,
+            token_attention=dec.token_attention,
+        )
+
+    def _fuse_and_decode(
+        self,
+        patch_tokens: torch.Tensor,
+        queries: torch.Tensor,
+        entities: torch.Tensor,
+        text_tokens: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        logit_bias: torch.Tensor | None,
+        entity_mask: torch.Tensor | None,
+        entity_bias: torch.Tensor | None,
+    ) -> tuple[DecoderOutput, torch.Tensor]:
+        """Image (+ text) tokens through fusion and decoder: the decoder's output and the
+        fusion attention (B, S, N)."""
+        v = self.image_proj(patch_tokens) + self.modality[0]  # (B, P, D)
         b, p, _ = v.shape
         tokens = v
         token_mask: torch.Tensor | None = None
@@ -320,19 +363,7 @@ class KgdxModel(nn.Module):
         if token_mask is not None:
             fusion_attn = fusion_attn.masked_fill(token_mask.unsqueeze(-1), 0.0)
         dec = self.decoder(queries, fused, p, token_mask, logit_bias, fusion_attn)
-        assert dec.entity_relevance is not None
-        ids = [self.entity_ids[i] for i in nodes.tolist()]
-        return KgdxOutput(
-            logits=dec.logits,
-            probabilities=torch.sigmoid(dec.logits),
-            patch_attention=dec.patch_attention,
-            grid=patches.grid,
-            entity_relevance=dec.entity_relevance,
-            concept_ids=ids,
-            entity_ids=self.entity_ids,
-            fusion_attention=fusion_attn,
-            token_attention=dec.token_attention,
-        )
+        return dec, fusion_attn
 
 
 def _check_targets(targets: Sequence[str], arrays: GraphArrays) -> None:

@@ -256,3 +256,14 @@ def test_map_gradient_projections_trains_only_the_classifier_from_the_cams() -> 
     torch.testing.assert_close(cams["all"], cams["projections"])
     with pytest.raises(ConfigError, match="map_gradient must be"):
         BaselineConfig(NAMES, map_gradient="features")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "cams"), [("all", "all"), ("projections", "projections"), ("fusion", "projections")]
+)
+def test_cams_follow_the_recipes_map_gradient(
+    setup: dict[str, Path], recipe: str, cams: str
+) -> None:
+    config = tiny_training_config(setup)
+    config.model.setdefault("decoder", {})["map_gradient"] = recipe
+    assert baseline_module._cam_gradient(config) == cams

@@ -171,5 +171,5 @@ def test_map_gradient_projections_keeps_values_and_trains_only_the_projections()
             assert all(g.abs().sum() == 0 for g in blocks_grad)
     torch.testing.assert_close(outs["all"].logits, outs["projections"].logits)
     torch.testing.assert_close(outs["all"].patch_attention, outs["projections"].patch_attention)
-    with pytest.raises(ConfigError, match="map_gradient must be 'all' or 'projections'"):
+    with pytest.raises(ConfigError, match="map_gradient must be one of all, projections, fusion"):
         DecoderConfig(patch_pooling=True, map_gradient="backbone")

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 import torch
 
@@ -132,7 +135,7 @@ def test_entities_computed_once_and_cached(
     calls = 0
     original = model.gnn.forward
 
-    def counted(*args: torch.Tensor, **kwargs: bool) -> torch.Tensor:
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
         nonlocal calls
         calls += 1
         return original(*args, **kwargs)
@@ -203,3 +206,29 @@ def test_relation_count_resolved_from_graph(arrays: GraphArrays, features: torch
     model = KgdxModel(cfg, arrays, features)
     assert model.config.gnn.num_relations == arrays.num_relations
     assert cfg.gnn.num_relations == 0  # the caller's config is not mutated
+
+
+def test_map_gradient_fusion_keeps_the_map_off_the_cnn(
+    arrays: GraphArrays, features: torch.Tensor
+) -> None:
+    cfg = tiny_config()
+    cfg.image = dataclasses.replace(cfg.image, dropout=0.0)
+    cfg.decoder = dataclasses.replace(cfg.decoder, patch_pooling=True, map_gradient="fusion")
+    model = KgdxModel(cfg, arrays, features).train()
+    images = _images()
+    out = model(images)
+    out.patch_attention[..., 0].sum().backward()  # a loss on the map alone
+    cnn = [p.grad for p in model.image_encoder.parameters() if p.grad is not None]
+    assert all(g.abs().sum() == 0 for g in cnn)  # the CNN is not reshaped by the map
+    for name in ("fusion.blocks.0.attn.q.weight", "decoder.patch_query.weight", "gnn.input.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    model.zero_grad()
+    torch.manual_seed(1)  # the same dropout in the GNN for both calls
+    out = model(images)
+    out.logits.sum().backward()  # the classification loss still trains the CNN
+    grad = model.get_parameter("image_encoder.proj.weight").grad
+    assert grad is not None and grad.abs().sum() > 0
+    torch.manual_seed(1)
+    with torch.no_grad():  # no second pass: the map it gives is the recomputed one's
+        torch.testing.assert_close(model(images).patch_attention, out.patch_attention)
