@@ -268,6 +268,9 @@ class ImageSource:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.images: torch.Tensor | None = None
+        # with the cache: the dataset position whose image fills each slot (a file unreadable
+        # at caching time is replaced by the next readable one, as on-the-fly decoding does)
+        self.origin = torch.arange(len(dataset))
         if cache:
             self.images = self._fill(progress, desc)
 
@@ -297,21 +300,11 @@ class ImageSource:
                 out[start : start + len(x)] = (
                     (x[:, 0] * 255.0).round_().clamp_(0, 255).to(torch.uint8)
                 )
-                # a sample replaced at load time (unreadable file) keeps its labels in line
-                used = meta["index"]
-                if not torch.equal(used, torch.arange(start, start + len(x))):
-                    self._replace_labels(torch.arange(start, start + len(x)), used)
+                self.origin[start : start + len(x)] = meta["index"]
                 start += len(x)
                 bar.update(len(x))
         assert out is not None
         return out
-
-    def _replace_labels(self, want: torch.Tensor, used: torch.Tensor) -> None:
-        ds = self.dataset
-        for w, u in zip(want.tolist(), used.tolist(), strict=True):
-            if w != u:
-                ds.labels[w] = ds.labels[u]
-                ds.mask[w] = ds.mask[u]
 
     def batches(
         self,
@@ -337,7 +330,8 @@ class ImageSource:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 x = self.images[idx].unsqueeze(1).float().div_(255.0)  # (B, 1, S, S)
-                yield Batch(x, labels[idx], mask[idx], idx)
+                used = self.origin[idx]  # labels, boxes and augmentation follow the image
+                yield Batch(x, labels[used], mask[used], used)
             return
         loader = DataLoader(
             self.dataset,

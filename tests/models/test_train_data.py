@@ -3,6 +3,8 @@ the uint8 cache and seeded batch order."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,21 @@ def test_batch_order_is_a_function_of_seed_and_epoch(dataset: CsvImageDataset) -
     assert [b.indices.tolist() for b in uncached.batches(4, shuffle=True, seed=0, epoch=0)] == [
         b.indices.tolist() for b in src.batches(4, shuffle=True, seed=0, epoch=0)
     ]
+
+
+def test_cached_slot_of_a_broken_file_follows_its_replacement(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    setup = make_setup(tmp_path_factory.mktemp("broken"), n=9)
+    ds = CsvImageDataset(
+        setup["labels"], setup["images"], NAMES, transform=base_preprocess(PreprocessConfig(32))
+    )
+    Path(ds.paths[0]).write_bytes(b"truncated")  # breaks after the dataset was built
+    labels_before = ds.labels.copy()
+    cached = next(ImageSource(ds, cache=True).batches(9))
+    uncached = next(ImageSource(ds).batches(9))
+    assert cached.indices.tolist() == [1, *range(1, 9)]  # slot 0 holds image 1
+    assert torch.equal(cached.indices, uncached.indices)
+    assert torch.equal(cached.labels, uncached.labels) and torch.equal(cached.mask, uncached.mask)
+    assert torch.allclose(cached.images, uncached.images, atol=0.5 / 255 + 1e-6)
+    assert np.array_equal(ds.labels, labels_before)  # the dataset's own rows stay as they were
