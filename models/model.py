@@ -292,11 +292,14 @@ class KgdxModel(nn.Module):
             queries = queries + self.query_bias[idx] * known  # (K, D)
             logit_bias = self.logit_bias[idx] * known.squeeze(-1)  # (K,)
 
+        def fuse_and_decode(patch_tokens: torch.Tensor) -> tuple[DecoderOutput, torch.Tensor]:
+            return self._fuse_and_decode(
+                patch_tokens, queries, entities, text_tokens, text_mask, logit_bias,
+                entity_mask, entity_bias,
+            )  # fmt: skip
+
         patches = self.image_encoder(images)
-        dec, fusion_attn = self._fuse_and_decode(
-            patches.tokens, queries, entities, text_tokens, text_mask, logit_bias,
-            entity_mask, entity_bias,
-        )  # fmt: skip
+        dec, fusion_attn = fuse_and_decode(patches.tokens)
         patch_attention = dec.patch_attention
         if (
             self.config.decoder.map_gradient == "fusion"
@@ -305,10 +308,7 @@ class KgdxModel(nn.Module):
         ):
             # the map again from the detached feature map: a loss on it (the box loss) trains
             # the token projection, fusion, GNN and decoder, never the CNN
-            patch_attention = self._fuse_and_decode(
-                patches.tokens.detach(), queries, entities, text_tokens, text_mask, logit_bias,
-                entity_mask, entity_bias,
-            )[0].patch_attention  # fmt: skip
+            patch_attention = fuse_and_decode(patches.tokens.detach())[0].patch_attention
         assert dec.entity_relevance is not None
         ids = [self.entity_ids[i] for i in nodes.tolist()]
         return KgdxOutput(
