@@ -76,6 +76,7 @@ if str(ROOT) not in sys.path:
 from kg.errors import KgError  # noqa: E402
 from models.baseline import (  # noqa: E402
     BaselinePredictor,
+    cam_map_gradient,
     read_baseline_info,
     train_baseline,
 )
@@ -717,6 +718,11 @@ def reuse_caveats(arm: Arm, config: TrainingConfig, directory: Path) -> list[str
             "protocol's test set"
         )
     caveats: list[str] = []
+    changed: list[str] = []
+    if arm.kind != "kgdx":  # the CAMs' gradient as the recipe's map_gradient sets it
+        got_cam = (read_baseline_info(directory).get("config") or {}).get("map_gradient", "all")
+        if got_cam != cam_map_gradient(config):
+            changed.append(f"CAM map_gradient: {got_cam!r} (recipe {cam_map_gradient(config)!r})")
     if data.get("val_fraction") is None and data.get("val_split") == TEST_SPLIT:
         caveats.append(
             f"{arm.name}: the reused checkpoint {directory} chose its best epoch (and "
@@ -727,9 +733,9 @@ def reuse_caveats(arm: Arm, config: TrainingConfig, directory: Path) -> list[str
     keys: list[str] = list(_COMPARED_KEYS)
     if arm.kind == "kgdx":
         keys.append("model")
-    else:  # the plain classifier follows the recipe's image size and map gradient
-        keys += ["model.image.image_size", "model.decoder.map_gradient"]
-    changed = [
+    else:  # the plain classifier follows the recipe's image size
+        keys.append("model.image.image_size")
+    changed += [
         f"{k}: {_get(trained, k)!r} (recipe {_get(recipe, k)!r})"
         for k in keys
         if _get(trained, k) != _get(recipe, k)

@@ -449,7 +449,7 @@ def train_baseline(
             targets=names,
             backbone=chosen,
             image_size=preprocess.image_size,
-            map_gradient=_cam_gradient(config),
+            map_gradient=cam_map_gradient(config),
         )
     ).to(device)
     if tc.contrastive_weight > 0:
@@ -677,7 +677,7 @@ def _validate(
     return p, loss_sum / max(known, 1.0)
 
 
-def _cam_gradient(config: TrainingConfig) -> str:
+def cam_map_gradient(config: TrainingConfig) -> str:
     """The recipe's ``decoder.map_gradient`` for the CAMs: the kgdx heat map's choice holds
     for them too, and ``"fusion"`` (no box gradient into the CNN) is ``"projections"`` here,
     nothing lying between a plain classifier's CNN and its class weights."""

@@ -446,3 +446,23 @@ def test_pointing_prior_chooses_its_cell_on_the_validation_boxes(
     # chosen and scored on the same rows here, so the two figures agree
     assert figures["fixed_cell_carve_pointing"] == figures["fixed_cell_test_pointing"]
     assert figures["fixed_cell_test_pointing"] > 0
+
+
+@pytest.mark.parametrize(
+    ("recipe", "flagged"), [("all", False), ("projections", True), ("fusion", True)]
+)
+def test_reused_cams_are_compared_by_the_gradient_they_were_trained_with(
+    full_run: tuple[int, Path], setup: dict[str, Any], recipe: str, flagged: bool
+) -> None:
+    """The plain classifier trained its CAMs with "all" (the tiny recipe's default): a
+    recipe whose map_gradient trains them otherwise is a departure; kgdx's "fusion" is
+    "projections" for the CAMs."""
+    _, out = full_run
+    opts, _ = quality.parse_args(
+        argv(setup, out, "--set", f'model.decoder.map_gradient="{recipe}"')
+    )
+    arm = quality.ARMS["densenet"]
+    caveats = quality.reuse_caveats(
+        arm, quality.arm_config(arm, opts), out / "densenet" / quality.MODEL_DIR
+    )
+    assert any("CAM map_gradient" in c for c in caveats) == flagged

@@ -266,4 +266,4 @@ def test_cams_follow_the_recipes_map_gradient(
 ) -> None:
     config = tiny_training_config(setup)
     config.model.setdefault("decoder", {})["map_gradient"] = recipe
-    assert baseline_module._cam_gradient(config) == cams
+    assert baseline_module.cam_map_gradient(config) == cams
