@@ -690,6 +690,7 @@ def reuse_caveats(arm: Arm, config: TrainingConfig, directory: Path) -> list[str
     Raises:
         QualityError: the checkpoint is of the wrong kind, or trained on the test rows.
     """
+    changed: list[str] = []  # departures from the recipe
     if arm.kind == "kgdx":
         info = read_checkpoint_info(directory)
         extra = info.get("extra") or {}
@@ -706,6 +707,11 @@ def reuse_caveats(arm: Arm, config: TrainingConfig, directory: Path) -> list[str
         got = (info.get("config") or {}).get("backbone")
         if got != want:
             raise QualityError(f"--reuse {arm.name}={directory}: backbone {got!r}, not {want!r}")
+        # the CAMs' gradient, as the recipe's map_gradient sets it for them
+        got_cam = (info.get("config") or {}).get("map_gradient", "all")
+        want_cam = cam_map_gradient(config)
+        if got_cam != want_cam:
+            changed.append(f"CAM map_gradient: {got_cam!r} (recipe {want_cam!r})")
     if not trained:
         return [f"{arm.name}: reused checkpoint {directory} records no training config"]
     recipe = config.to_dict()
@@ -718,11 +724,6 @@ def reuse_caveats(arm: Arm, config: TrainingConfig, directory: Path) -> list[str
             "protocol's test set"
         )
     caveats: list[str] = []
-    changed: list[str] = []
-    if arm.kind != "kgdx":  # the CAMs' gradient as the recipe's map_gradient sets it
-        got_cam = (read_baseline_info(directory).get("config") or {}).get("map_gradient", "all")
-        if got_cam != cam_map_gradient(config):
-            changed.append(f"CAM map_gradient: {got_cam!r} (recipe {cam_map_gradient(config)!r})")
     if data.get("val_fraction") is None and data.get("val_split") == TEST_SPLIT:
         caveats.append(
             f"{arm.name}: the reused checkpoint {directory} chose its best epoch (and "
